@@ -1,0 +1,183 @@
+"""Configuration of a Qwen2.5-VL checkpoint: one flat dataclass per part.
+
+`Config.from_json(path)` reads a checkpoint's `config.json` in either of the two formats found in the wild
+(qwen25vl.md §1, Appendix B.2):
+  - the flat official format (Hub files of Qwen/Qwen2.5-VL-*-Instruct): text fields at the top level,
+    `rope_scaling: {"type": "mrope", "mrope_section": [16, 24, 24]}`, `rope_theta`, `vision_config.in_chans`;
+  - the nested format newer `transformers` (5.x) writes: `text_config{...}` with `rope_parameters{...}`,
+    `vision_config{in_channels, ...}`, and the special-token ids at the top level.
+`Config.to_json()` writes the flat official format (plus the nested blocks, as transformers 4.5x re-saves do),
+so a minigmr checkpoint loads in `transformers` unchanged.
+
+Class defaults here are the checkpoint values of Qwen2.5-VL-3B, not transformers' class defaults
+(which differ: vision hidden_size 3584, tokens_per_second 4; pitfall §7.11).
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280  # ViT width
+    intermediate_size: int = 3420  # gated MLP width
+    num_heads: int = 16  # head_dim = 1280 / 16 = 80
+    out_hidden_size: int = 2048  # merger output = text hidden_size
+    patch_size: int = 14
+    spatial_merge_size: int = 2  # 2x2 patches -> one LLM token
+    temporal_patch_size: int = 2  # a still image is repeated over 2 frames
+    window_size: int = 112  # window attention side in pixels (= 4x4 merged tokens)
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_channels: int = 3
+    tokens_per_second: int = 2  # video only; kept so the config round-trips
+    rms_norm_eps: float = 1e-6  # hard-coded 1e-6 in transformers' vision blocks and merger
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # (temporal, height, width), sums to head_dim/2
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+    # special-token ids the model itself needs (top level of config.json)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class Config:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    dtype: str = "bfloat16"  # storage dtype recorded in config.json
+
+    def __post_init__(self):
+        t, v = self.text, self.vision
+        if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+            raise ValueError(f"text: hidden_size {t.hidden_size} / heads {t.num_attention_heads} / kv heads "
+                             f"{t.num_key_value_heads} do not divide evenly")
+        if 2 * sum(t.mrope_section) != t.head_dim:
+            raise ValueError(f"text: mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
+        if v.hidden_size % v.num_heads or (v.head_dim // 2) % 2:
+            raise ValueError(f"vision: hidden_size {v.hidden_size} / num_heads {v.num_heads} must give a head_dim "
+                             f"divisible by 4 (2-D rotary), got {v.head_dim}")
+        if v.out_hidden_size != t.hidden_size:
+            raise ValueError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
+        if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
+            raise ValueError(f"vision: fullatt_block_indexes {v.fullatt_block_indexes} out of range for depth {v.depth}")
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
+        """Both the flat official format and the nested transformers-5.x format."""
+        if d.get("model_type") not in (None, "qwen2_5_vl"):
+            raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not 'qwen2_5_vl'")
+        if "vision_config" not in d:
+            raise ValueError(f"{source}: no 'vision_config' block; is this a Qwen2.5-VL checkpoint?")
+        tc = dict(d.get("text_config") or {})
+        flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+        # nested (5.x) wins over the flat copy that 4.5x re-saves keep beside it
+        src = {**flat, **tc}
+        rope = src.get("rope_parameters") or src.get("rope_scaling") or {}
+        text_kw = {f.name: src[f.name] for f in fields(TextConfig) if f.name in src}
+        text_kw["rope_theta"] = rope.get("rope_theta", src.get("rope_theta", TextConfig.rope_theta))
+        if "mrope_section" in rope:
+            text_kw["mrope_section"] = list(rope["mrope_section"])
+        # special-token ids live at the top level in both formats
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if k in d:
+                text_kw[k] = d[k]
+        if "tie_word_embeddings" in d:  # top level in both formats
+            text_kw["tie_word_embeddings"] = d["tie_word_embeddings"]
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_key_value_heads") if k not in text_kw]
+        if missing:
+            raise ValueError(f"{source}: text fields missing: {missing}")
+        vc = dict(d["vision_config"])
+        vis_kw = {f.name: vc[f.name] for f in fields(VisionConfig) if f.name in vc}
+        if "in_chans" in vc:  # official checkpoint spelling (qwen25vl.md §1.2)
+            vis_kw["in_channels"] = vc["in_chans"]
+        if "rope_parameters" in vc:
+            vis_kw["rope_theta"] = vc["rope_parameters"].get("rope_theta", VisionConfig.rope_theta)
+        for k in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"):
+            if k not in vis_kw:
+                raise ValueError(f"{source}: vision_config.{k} missing")
+        dtype = d.get("torch_dtype") or d.get("dtype") or tc.get("dtype") or "bfloat16"
+        return cls(TextConfig(**text_kw), VisionConfig(**vis_kw), dtype=str(dtype))
+
+    @classmethod
+    def from_json(cls, path: str) -> "Config":
+        """`path` is a config.json or a checkpoint directory holding one."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self) -> dict:
+        """Flat official format, plus `text_config` for transformers >= 4.5x readers."""
+        t, v = asdict(self.text), asdict(self.vision)
+        special = {k: t.pop(k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                         "vision_end_token_id")}
+        mrope, theta = t.pop("mrope_section"), t.pop("rope_theta")
+        tie = t.pop("tie_word_embeddings")
+        rope = {"type": "mrope", "mrope_section": mrope}
+        vision = {k: v[k] for k in v if k not in ("rms_norm_eps", "rope_theta")}
+        vision.update(in_chans=v["in_channels"], model_type="qwen2_5_vl")
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            **t, "rope_theta": theta, "rope_scaling": rope, "tie_word_embeddings": tie,
+            "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": t["num_hidden_layers"],
+            "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": self.dtype, **special,
+            "vision_token_id": special["vision_start_token_id"] + 2,
+            "vision_config": vision,
+        }
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        """The official shapes (qwen25vl.md §1): '3b' (tied head) or '7b' (untied head)."""
+        if name == "3b":
+            return cls()
+        if name == "7b":
+            return cls(TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                  num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+                       VisionConfig(out_hidden_size=3584))
+        raise ValueError(f"unknown preset {name!r}: use '3b' or '7b'")
+
+    def replace(self, text: dict = None, vision: dict = None, **kw) -> "Config":
+        """A copy with some fields changed, e.g. for tiny test configs."""
+        return Config(replace(self.text, **(text or {})), replace(self.vision, **(vision or {})),
+                      **{"dtype": self.dtype, **kw})

@@ -1,0 +1,68 @@
+"""Tiny random transformers Qwen2.5-VL references (qwen25vl.md Appendix B.1), saved with `save_pretrained` so the
+files carry the official on-disk key names. Test-only: transformers is an oracle, never a minigmr dependency."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+# special-token ids of the tiny tokenizer (official id - 151243, qwen25vl.md B.6)
+IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 412, 413, 409, 410
+
+
+def tiny_hf_config(tie=False, vision_depth=2, fullatt=(1,), text_layers=2, window_size=112, vocab=512,
+                   hidden=64, heads=4, kv_heads=2, mrope=(2, 3, 3), vision_hidden=32, vision_heads=2):
+    from transformers import Qwen2_5_VLConfig
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(mrope)},
+                         bos_token_id=400, eos_token_id=402, pad_token_id=400, use_sliding_window=False,
+                         max_window_layers=text_layers, tie_word_embeddings=tie),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, out_hidden_size=hidden,
+                           num_heads=vision_heads, intermediate_size=2 * vision_hidden, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
+                           fullatt_block_indexes=list(fullatt), in_channels=3, hidden_act="silu",
+                           tokens_per_second=2),
+        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+
+
+def tiny_hf_model(seed=0, **kw):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**kw)).eval()
+    # random norms and biases too, so that a loader that skips them cannot pass
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if not name.endswith("bias") else 0.0))
+    return model
+
+
+def save_tiny_hf(path, seed=0, dtype=None, **kw):
+    model = tiny_hf_model(seed, **kw)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    """Logits of the transformers model with `mm_token_type_ids`, without which 5.x silently uses 1-D positions."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw, mm_token_type_ids=(input_ids == IMAGE_PAD).long(), use_cache=False)
+    return out.logits
+
+
+def image_tokens(grid):
+    """<|vision_start|> + (t*h*w/4) x <|image_pad|> + <|vision_end|> for one image grid (t, h, w)."""
+    t, h, w = grid
+    return [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+
+
+def random_pixels(grids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(t * h * w for t, h, w in grids)
+    return torch.randn(n, 1176, generator=g), torch.tensor(grids, dtype=torch.long)
