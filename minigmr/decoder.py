@@ -88,12 +88,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=True)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None):
+    def forward(self, x, cos, sin, mask, past=None, last_only=False):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2)  # (B, H, S, Dh)
         k = self.k_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)  # (B, KV, S, Dh)
         v = self.v_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if last_only:  # only the last query is needed: one row of q, of the mask, of the output
+            x, cos, sin, mask, S = x[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[..., -1:, :], 1
+        q = apply_rotary(self.q_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2), cos, sin)  # (B, H, S, Dh)
         new_kv = (k, v)
         if past is not None:  # prefix keys/values, (1 or B, KV, P, Dh): broadcast over the batch without a copy
             k = torch.cat((past[0].expand(B, -1, -1, -1), k), dim=2)  # (B, KV, P+S, Dh)
@@ -111,9 +113,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # post_attention_layernorm
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
-        x = x + a
+    def forward(self, x, cos, sin, mask, past=None, last_only=False):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
@@ -144,9 +146,11 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, past=None, past_mask=None):
+    def forward(self, inputs_embeds, position_ids, attention_mask, past=None, past_mask=None, last_only=False):
         """inputs_embeds (B, S, D), position_ids (3, B, S), attention_mask (B, S) of 0/1.
         past: list over layers of (k, v) (1 or B, KV, P, Dh) for a shared prefix, with past_mask (1 or B, P).
+        last_only: the last layer computes queries, MLP and norm for the last column only (B, 1, D) — all a
+        reranker needs (its keys/values for the other positions are still produced).
         Returns the final-norm hidden states (B, S, D) and this call's keys/values per layer."""
         S = inputs_embeds.shape[1]
         cos, sin = mrope_cos_sin(position_ids, self.cfg, inputs_embeds.dtype)
@@ -154,9 +158,10 @@ class TextModel(nn.Module):
         x, kvs = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             p = None if past is None else past[i]
+            last = last_only and i == len(self.layers) - 1
             if self.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, cos, sin, mask, p, use_reentrant=False)
+                x, kv = checkpoint(layer, x, cos, sin, mask, p, last, use_reentrant=False)
             else:
-                x, kv = layer(x, cos, sin, mask, p)
+                x, kv = layer(x, cos, sin, mask, p, last)
             kvs.append(kv)
         return self.norm(x), kvs

@@ -57,9 +57,15 @@ class Qwen25VL(nn.Module):
         """(N/4, D) merged vision features of all images, in image order then raster order."""
         return self.vision(pixel_values, image_grid_thw)
 
-    def embed(self, input_ids, image_features=None) -> torch.Tensor:
-        """Token embeddings with the image features written at the <|image_pad|> positions (masked_scatter)."""
+    def embed(self, input_ids, image_features=None, image_positions=None) -> torch.Tensor:
+        """Token embeddings with the image features written at the <|image_pad|> positions (masked_scatter).
+
+        `image_positions` (flat indices into B*S, host-checked by the caller) skips the count check, which would
+        otherwise read a device value back to the host: the scorer's loop stays free of synchronisation."""
         x = self.text.embed_tokens(input_ids)  # (B, S, D)
+        if image_positions is not None:
+            flat = x.flatten(0, 1).index_copy(0, image_positions, image_features.to(x.dtype))  # (B*S, D)
+            return flat.view_as(x)
         is_img = input_ids == self.config.text.image_token_id
         n_tokens, n_feats = int(is_img.sum()), 0 if image_features is None else image_features.shape[0]
         if n_tokens != n_feats:
@@ -70,19 +76,23 @@ class Qwen25VL(nn.Module):
         return x
 
     def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                      image_features=None, past=None, past_mask=None, start_pos=0):
+                      image_features=None, past=None, past_mask=None, start_pos=0, position_ids=None,
+                      image_positions=None, last_only=False):
         """Final-norm hidden states (B, S, D) and the per-layer keys/values of these tokens.
 
         `image_features` may be passed precomputed (scorer: one vision pass per distinct image); `past`/`past_mask`
-        are the keys/values and mask of a shared prefix, whose next position is `start_pos`."""
+        are the keys/values and mask of a shared prefix, whose next position is `start_pos`; `position_ids`
+        (3, B, S) may be precomputed on the host. `last_only` returns only the last column (B, 1, D) and skips the
+        last layer's work for the other positions (their keys/values are still computed): left padding only."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values, image_grid_thw)
-        x = self.embed(input_ids, image_features)
-        pos = rope_position_ids(input_ids, attention_mask, image_grid_thw, self.config.text,
-                                self.config.vision.spatial_merge_size, start=start_pos)  # (3, B, S)
-        return self.text(x, pos, attention_mask, past=past, past_mask=past_mask)
+        x = self.embed(input_ids, image_features, image_positions)
+        if position_ids is None:
+            position_ids = rope_position_ids(input_ids, attention_mask, image_grid_thw, self.config.text,
+                                             self.config.vision.spatial_merge_size, start=start_pos)  # (3, B, S)
+        return self.text(x, position_ids, attention_mask, past=past, past_mask=past_mask, last_only=last_only)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
         """Full logits (B, S, V), same meaning as transformers' `Qwen2_5_VLForConditionalGeneration(...).logits`."""

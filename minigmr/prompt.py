@@ -1,0 +1,75 @@
+"""The GMR prompt: how (instruction, query, document) becomes one chat, in one place.
+
+Mirrors the lychee-rerank-mm inference script (gmr.md §1.3): the Qwen3-Reranker system prompt, then one user turn
+whose content list is
+
+    "<Instruct>: {instruction}"  "<Query>:"  [query image]  [query text]  "\\n<Document>:"  [document image]  [document text]
+
+and the assistant generation prompt. Rendered with the Qwen2.5-VL chat template (processor.render) it reads:
+
+    <|im_start|>system
+    Judge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>
+    <|im_start|>user
+    <Instruct>: {instruction}<Query>:<|vision_start|><|image_pad|>...<|vision_end|>{query text}
+    <Document>:<|vision_start|><|image_pad|>...<|vision_end|>{document text}<|im_end|>
+    <|im_start|>assistant
+    {yes | no}
+
+Everything up to the end of the query is the same for every candidate document: the scorer encodes it once.
+The paper's own template figure was not available (gmr.md §7); train and evaluate with the same layout.
+"""
+import os
+from dataclasses import dataclass
+
+from PIL import Image
+
+SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+                 'Note that the answer can only be "yes" or "no".')
+DEFAULT_INSTRUCTION = "Given a query, retrieve the documents that answer it."
+
+
+@dataclass(frozen=True)
+class Item:
+    """A query or a document: text, an image (a path or a PIL image), or both."""
+    text: str | None = None
+    image: object = None  # str path | PIL.Image.Image | None
+
+    def __post_init__(self):
+        if self.text is None and self.image is None:
+            raise ValueError("a query/document needs text, an image, or both")
+
+
+def as_item(x) -> Item:
+    """str -> text; os.PathLike or PIL image -> image; dict with 'text' and/or 'image'; Item as is."""
+    if isinstance(x, Item):
+        return x
+    if isinstance(x, str):
+        return Item(text=x)
+    if isinstance(x, (os.PathLike, Image.Image)):
+        return Item(image=os.fspath(x) if isinstance(x, os.PathLike) else x)
+    if isinstance(x, dict):
+        unknown = set(x) - {"text", "image", "id"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} in query/document {x!r}; use 'text' and/or 'image'")
+        image = x.get("image")
+        return Item(text=x.get("text"), image=os.fspath(image) if isinstance(image, os.PathLike) else image)
+    raise TypeError(f"a query/document must be a str, a path, a PIL image or a dict, not {type(x).__name__}")
+
+
+def _content(item: Item) -> list:
+    out = [] if item.image is None else [{"type": "image", "image": item.image}]
+    return out + ([] if item.text is None else [{"type": "text", "text": item.text}])
+
+
+def query_messages(instruction: str, query) -> list:
+    """The shared part: system turn and the user turn up to the end of the query (no document, no end of turn)."""
+    q = as_item(query)
+    user = [{"type": "text", "text": f"<Instruct>: {instruction}"}, {"type": "text", "text": "<Query>:"}] + _content(q)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def gmr_messages(instruction: str, query, document) -> list:
+    """The full conversation for one (instruction, query, document) triplet, in the Hugging Face messages format."""
+    messages = query_messages(instruction, query)
+    messages[1]["content"] += [{"type": "text", "text": "\n<Document>:"}] + _content(as_item(document))
+    return messages

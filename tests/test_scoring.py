@@ -1,0 +1,128 @@
+"""The fused scorer equals the plain full-sequence forward, whatever the batch size, padding side and candidate order;
+and the plain forward itself equals transformers."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from hf_reference import IMAGE_PAD, save_tiny_hf
+from oracles import make_hf_processor, make_tiny_tokenizer_dir, write_preprocessor_config
+from PIL import Image
+
+from minigmr.model import Qwen25VL
+from minigmr.processor import Processor
+from minigmr.prompt import gmr_messages
+from minigmr.scoring import Reranker, reference_logits
+
+MIN_PIX, MAX_PIX = 28 * 28 * 4, 28 * 28 * 40
+
+
+def img(seed, w, h, mode="RGB"):
+    a = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(a).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    save_tiny_hf(path, seed=3, tie=True, vision_depth=2, fullatt=(1,), text_layers=3)
+    make_tiny_tokenizer_dir(path)
+    write_preprocessor_config(path, MIN_PIX, MAX_PIX)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_proc(ckpt):
+    return Qwen25VL.from_pretrained(ckpt), Processor.from_pretrained(ckpt)
+
+
+def cases(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, (w, h) in enumerate([(56, 84), (112, 56), (90, 70)]):
+        p = d / f"im{i}.png"
+        img(i, w, h).save(p)
+        paths.append(p)
+    docs = ["a red circle on the left", "two blue squares?", "the answer is 42.", "x",
+            {"image": str(paths[0])}, {"image": paths[1], "text": "a caption under the picture"}, paths[2],
+            {"image": str(paths[0]), "text": "same image as document 4, other text"}, img(9, 60, 60, "RGBA"),
+            "a much longer passage " * 12]
+    queries = ["which shape is red?", "find the picture with two squares ", {"image": img(7, 70, 98)},
+               {"image": img(8, 84, 56), "text": "what is shown here?\n"}]
+    return queries, docs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return cases(tmp_path_factory)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_equals_plain(model_proc, data, batch_size, side):
+    model, proc = model_proc
+    queries, docs = data
+    rr = Reranker(model, proc, batch_size=batch_size, padding_side=side)
+    for q in queries:
+        ref = reference_logits(model, proc, q, docs, instruction="Find the matching document.")
+        got = rr.logits(q, docs, instruction="Find the matching document.")
+        assert got.dtype == torch.float32 and got.shape == (len(docs), 2)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_candidate_order_and_single_document(model_proc, data):
+    model, proc = model_proc
+    queries, docs = data
+    rr = Reranker(model, proc, batch_size=4)
+    perm = list(range(len(docs)))
+    random.Random(0).shuffle(perm)
+    for q in queries:
+        base = rr.logits(q, docs)
+        shuffled = rr.logits(q, [docs[i] for i in perm])
+        torch.testing.assert_close(shuffled, base[perm], atol=1e-5, rtol=0)
+        one = rr.logits(q, [docs[3]])  # a single candidate: nothing is shared but the prefix still works
+        torch.testing.assert_close(one[0], base[3], atol=1e-5, rtol=0)
+
+
+def test_reference_path_equals_transformers(ckpt, model_proc, data):
+    """The plain path (our processor + our model) equals transformers' processor + model on the GMR prompt."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    model, proc = model_proc
+    queries, docs = data
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    hf_proc = make_hf_processor(ckpt, MIN_PIX, MAX_PIX)
+    yes, no = proc.token_id("yes"), proc.token_id("no")
+    q = queries[3]
+    docs = [d for d in docs if not (isinstance(d, dict) and isinstance(d.get("image"), str))][:6]
+    convs = [gmr_messages("Find it.", q, d) for d in docs]
+    texts = [hf_proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    images = [it["image"] if not isinstance(it["image"], str) else Image.open(it["image"])
+              for c in convs for m in c if isinstance(m["content"], list) for it in m["content"] if it["type"] == "image"]
+    images = [Image.open(i) if hasattr(i, "__fspath__") else i for i in images]
+    enc = hf_proc(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        out = hf(**{k: v for k, v in enc.items()}, use_cache=False).logits[:, -1, [yes, no]]
+    assert "mm_token_type_ids" in enc and bool((enc["mm_token_type_ids"] == (enc["input_ids"] == IMAGE_PAD)).all())
+    torch.testing.assert_close(reference_logits(model, proc, q, docs, instruction="Find it."), out, atol=1e-4, rtol=0)
+    torch.testing.assert_close(Reranker(model, proc).logits(q, docs, instruction="Find it."), out, atol=1e-4, rtol=0)
+
+
+def test_score_rank_and_errors(ckpt, data):
+    rr = Reranker.from_pretrained(ckpt, batch_size=2)
+    queries, docs = data
+    logits = rr.logits(queries[0], docs)
+    scores = rr.score(queries[0], docs)
+    expected = torch.softmax(logits, -1)[:, 0]
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    torch.testing.assert_close(torch.tensor(scores), expected, atol=1e-7, rtol=0)
+    ranked = rr.rank(queries[0], docs, top_k=3)
+    assert len(ranked) == 3 and [s for _, s in ranked] == sorted(scores, reverse=True)[:3]
+    assert all(scores[i] == s for i, s in ranked)
+    with pytest.raises(ValueError, match="non-empty list"):
+        rr.score("q", [])
+    with pytest.raises(ValueError, match="cannot open image file.*nope.png"):
+        rr.score("q", [{"image": "/nope.png"}])
+    with pytest.raises(ValueError, match="document 0: prompt has"):
+        Reranker(rr.model, rr.processor, max_length=10).score("q", ["d"])
+    with pytest.raises(TypeError, match="must be a str"):
+        rr.score("q", [3.5])
