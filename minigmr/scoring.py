@@ -6,7 +6,7 @@ projects every position onto the whole vocabulary. The fused loop does the same 
   1. tokenize: every candidate's full prompt is tokenized as a whole (so ids are exactly the plain ones); the
      longest prefix common to all of them (system + instruction + query, incl. the query image) is the shared part;
   2. vision: each distinct image (query and documents) goes through the vision tower once;
-  3. prefix: the shared part is encoded once; its keys/values are reused by every candidate batch;
+  3. prefix: the shared part is encoded once; its keys/values are reused by every candidate;
   4. candidates: sorted by length and cut into batches of `batch_size` (little padding), left-padded, and run
      on top of the prefix keys/values; the last layer only computes the last position (`last_only`);
   5. head: only the last hidden state is projected, and only onto the "yes" and "no" rows of the LM head, in fp32.
@@ -14,7 +14,8 @@ projects every position onto the whole vocabulary. The fused loop does the same 
 All host-side work (tokens, padding, position ids, image-token indices) is done before the loop, so the loop has
 no host synchronisation (no `.item()`, no branching on device values) and can run under CUDA graphs /
 torch.compile. Weights are bf16 on a GPU and fp32 on a CPU; scores are always fp32.
-`reference_logits` is the plain path, kept for the tests to compare against.
+`group_logits` is the same computation with autograd for training (many queries at once, all candidates in one
+batch); `reference_logits` is the plain path, kept for the tests to compare against.
 """
 import os
 
@@ -33,6 +34,133 @@ def default_device_dtype(device=None, dtype=None):
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+# ----------------------------------------------------------------------------- host-side preparation
+class ImageBank:
+    """Distinct images (by path or object identity), preprocessed once; their vision features computed once."""
+
+    def __init__(self, processor: Processor):
+        self.processor, self.sources, self.key_of = processor, [], {}
+
+    def add(self, image) -> int:
+        key = os.path.abspath(image) if isinstance(image, str) else id(image)
+        if key not in self.key_of:
+            self.key_of[key] = len(self.sources)
+            self.sources.append(image)
+        return self.key_of[key]
+
+    def preprocess(self):
+        """Patches (n_i, 1176) and grids (3,) of every image, in one image-processor call."""
+        if not self.sources:
+            self.patches, self.grids = [], []
+            return
+        pixel_values, grids = self.processor.image_processor(self.sources)
+        self.patches, self.grids = list(pixel_values.split(grids.prod(-1).tolist())), list(grids)
+
+    def features(self, model: Qwen25VL, max_patches: int = 16384) -> list:
+        """(tokens_i, D) features per image; the vision tower runs on chunks of at most `max_patches` patches."""
+        feats, start, device = [], 0, model.head_weight.device
+        merge2 = model.config.vision.spatial_merge_size ** 2
+        while start < len(self.patches):
+            end, n = start, 0
+            while end < len(self.patches) and (end == start or n + len(self.patches[end]) <= max_patches):
+                n, end = n + len(self.patches[end]), end + 1
+            grids = torch.stack(self.grids[start:end])
+            out = model.image_features(torch.cat(self.patches[start:end]).to(device), grids)  # (sum tokens, D)
+            feats += list(out.split((grids.prod(-1) // merge2).tolist()))
+            start = end
+        return feats
+
+
+def tokenize_group(processor: Processor, bank: ImageBank, instruction, query, documents):
+    """Token ids of the shared prefix and of each document's remainder, and the images (bank ids) of each part."""
+    if isinstance(documents, (str, dict)) or not len(documents):
+        raise ValueError("documents must be a non-empty list")
+    q, docs = as_item(query), [as_item(d) for d in documents]
+    q_imgs = [bank.add(q.image)] if q.image is not None else []
+    d_imgs = [[bank.add(d.image)] if d.image is not None else [] for d in docs]
+    return q, docs, q_imgs, d_imgs
+
+
+def finish_group(processor: Processor, bank: ImageBank, instruction, q, docs, q_imgs, d_imgs):
+    """After `bank.preprocess()` (grids known): the prefix ids and the per-document remainder ids."""
+    grid = lambda ids: [bank.grids[i].tolist() for i in ids]
+    prefix_text = processor.render(query_messages(instruction, q), add_generation_prompt=False)
+    prefix_text = prefix_text[: -len("<|im_end|>\n")]  # the user turn continues with the document
+    prefix = np.array(processor.encode(prefix_text, grid(q_imgs)), dtype=np.int64)
+    full = [processor.encode(processor.render(gmr_messages(instruction, q, d)), grid(q_imgs + di))
+            for d, di in zip(docs, d_imgs)]
+    # shared length = the longest prefix every prompt shares with the prefix's own tokens (BPE may merge the
+    # query's last characters with the "\n<Document>:" that follows, so it can be a token or two short)
+    shared = len(prefix)
+    for ids in full:
+        n = min(len(ids) - 1, shared)
+        diff = np.nonzero(np.asarray(ids[:n]) != prefix[:n])[0]
+        shared = int(diff[0]) if len(diff) else n
+    if (prefix[shared:] == processor.image_pad_id).any():  # the differing tail is text after <|vision_end|>
+        raise AssertionError("the shared prefix ends inside the query image")
+    return prefix[:shared].tolist(), [ids[shared:] for ids in full]
+
+
+def pad_batch(seqs, images, bank: ImageBank, model: Qwen25VL, pad_id: int, side="left", start=0, multiple=1):
+    """Host tensors for one batch of sequences: ids/mask (B, S), 3-D positions (3, B, S) starting at `start`
+    (int or per-row list), the flat indices of image tokens, the images needed (bank ids, in order), and the
+    index of each row's last token."""
+    S = max(len(s) for s in seqs)
+    S = -(-S // multiple) * multiple
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)  # (B, S)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        cols = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+        ids[r, cols], mask[r, cols] = torch.tensor(s, dtype=torch.long), 1
+    imgs = [j for row in images for j in row]
+    thw = torch.stack([bank.grids[j] for j in imgs]) if imgs else None
+    cfg = model.config
+    pos = rope_position_ids(ids, mask, thw, cfg.text, cfg.vision.spatial_merge_size,
+                            start=torch.as_tensor(start))  # (3, B, S)
+    return dict(ids=ids, mask=mask, pos=pos, images=imgs, last=mask.sum(-1) - 1,
+                img_pos=torch.nonzero((ids == cfg.text.image_token_id).flatten()).flatten())
+
+
+def run_batch(model: Qwen25VL, batch: dict, feats: list, past=None, past_mask=None, last_only=False):
+    """Hidden states of one `pad_batch` batch on the model's device: (B, D) at each row's last token."""
+    device = model.head_weight.device
+    to = lambda t: t.to(device, non_blocking=True)
+    img_feats = torch.cat([feats[i] for i in batch["images"]]) if batch["images"] else None
+    h, kv = model.hidden_states(to(batch["ids"]), to(batch["mask"]), image_features=img_feats, past=past,
+                                past_mask=past_mask, position_ids=to(batch["pos"]),
+                                image_positions=to(batch["img_pos"]) if img_feats is not None else None,
+                                last_only=last_only)
+    last = h[:, -1] if last_only else h[torch.arange(h.shape[0], device=device), to(batch["last"])]
+    return last, kv
+
+
+# ----------------------------------------------------------------------------- training path (autograd)
+def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None) -> torch.Tensor:
+    """[z_yes, z_no] (M, 2) fp32 for every document of every group, with autograd, for training.
+
+    groups: list of (instruction, query, documents). All prefixes run as one left-padded batch (G, P); all
+    documents as one batch (M, S) on top of their own group's prefix keys/values (gathered per row)."""
+    bank = ImageBank(processor)
+    parsed = [tokenize_group(processor, bank, *g) for g in groups]
+    bank.preprocess()
+    feats = bank.features(model)
+    done = [finish_group(processor, bank, ins, *p) for (ins, _, _), p in zip(groups, parsed)]
+    pad_id = processor.pad_id
+    prefixes = pad_batch([d[0] for d in done], [p[2] for p in parsed], bank, model, pad_id)
+    _, past = run_batch(model, prefixes, feats, last_only=True)
+    starts = prefixes["pos"].amax(dim=(0, 2)) + 1  # (G,) next position after each prefix (host tensor)
+    group = torch.tensor([g for g, d in enumerate(done) for _ in d[1]])
+    docs = pad_batch([c for d in done for c in d[1]], [i for p in parsed for i in p[3]], bank, model, pad_id,
+                     start=starts[group].tolist())
+    device = model.head_weight.device
+    gi = group.to(device)
+    past = [(k[gi], v[gi]) for k, v in past]  # (M, KV, P, Dh): each document sees its own group's prefix
+    h, _ = run_batch(model, docs, feats, past=past, past_mask=prefixes["mask"].to(device)[gi], last_only=True)
+    yes_no = yes_no or (processor.token_id("yes"), processor.token_id("no"))
+    return yes_no_logits(h, model.head_rows(list(yes_no)))
+
+
+# ----------------------------------------------------------------------------- inference
 class Reranker:
     def __init__(self, model: Qwen25VL, processor: Processor, batch_size: int = 16, padding_side: str = "left",
                  max_length: int | None = None, image_batch_patches: int = 16384, pad_multiple: int | None = None):
@@ -59,7 +187,6 @@ class Reranker:
             merge_lora(model)
         return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels), **kw)
 
-    # ------------------------------------------------------------------ public API
     def score(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> list:
         """p(yes | instruction, query, document) for each document: softmax over the yes/no logits, fp32."""
         return sft_score(self.logits(query, documents, instruction, batch_size)).tolist()
@@ -73,121 +200,34 @@ class Reranker:
     @torch.no_grad()
     def logits(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> torch.Tensor:
         """(n, 2) fp32 [z_yes, z_no] at the last position of each (instruction, query, document) prompt."""
-        if isinstance(documents, (str, dict)) or not len(documents):
-            raise ValueError("documents must be a non-empty list")
-        prefix, cands, cand_images, images = self._tokenize(instruction, query, documents)
-        feats = self._image_features(images)  # one (tokens, D) tensor per distinct image
-        q_imgs = [0] if as_item(query).image is not None else []
-        past, start = self._encode_prefix(prefix, [feats[i] for i in q_imgs], [images[i][1] for i in q_imgs])
-        batches = self._plan(cands, cand_images, images, start, batch_size or self.batch_size)
-        head = self.model.head_rows([self.yes_id, self.no_id])  # (2, D)
-        out = torch.empty(len(cands), 2, device=self.device)
-        P = len(prefix)
-        past_mask = torch.ones(1, P, dtype=torch.long, device=self.device)
-        for b in batches:  # no host synchronisation in here
-            to = lambda t: t.to(self.device, non_blocking=True)
-            img_feats = torch.cat([feats[i] for i in b["images"]]) if b["images"] else None
-            left = self.padding_side == "left"
-            h, _ = self.model.hidden_states(
-                to(b["ids"]), to(b["mask"]), image_features=img_feats, past=past, past_mask=past_mask,
-                position_ids=to(b["pos"]), image_positions=to(b["img_pos"]) if img_feats is not None else None,
-                last_only=left)
-            last = h[:, -1] if left else h[torch.arange(h.shape[0], device=self.device), to(b["last"])]  # (B, D)
-            out[to(b["index"])] = yes_no_logits(last, head)
-        return out.cpu()
-
-    # ------------------------------------------------------------------ steps
-    def _tokenize(self, instruction, query, documents):
-        """Token ids of the shared prefix and of each candidate's remainder, and the images each one needs."""
-        q, docs = as_item(query), [as_item(d) for d in documents]
-        images, key_of = [], {}  # distinct images, in first-seen order: (source, grid)
-
-        def image_id(img):
-            key = os.path.abspath(img) if isinstance(img, str) else id(img)
-            if key not in key_of:
-                key_of[key] = len(images)
-                images.append([img, None])
-            return key_of[key]
-
-        q_imgs = [image_id(q.image)] if q.image is not None else []
-        d_imgs = [[image_id(d.image)] if d.image is not None else [] for d in docs]
-        if images:
-            pixel_values, grids = self.processor.image_processor([im for im, _ in images])
-            sizes = grids.prod(-1).tolist()
-            for im, pv, g in zip(images, pixel_values.split(sizes), grids):
-                im[0], im[1] = pv, g  # keep the preprocessed patches, not the image
-        grid = lambda ids: [images[i][1].tolist() for i in ids]
-        render = self.processor.render
-        prefix_text = render(query_messages(instruction, q), add_generation_prompt=False)
-        prefix_text = prefix_text[: -len("<|im_end|>\n")]
-        prefix = np.array(self.processor.encode(prefix_text, grid(q_imgs)), dtype=np.int64)
-        full = [self.processor.encode(render(gmr_messages(instruction, q, d)), grid(q_imgs + di))
-                for d, di in zip(docs, d_imgs)]
-        # shared length = the longest prefix that all candidates share with the prefix's own tokens (BPE may merge
-        # the query's last characters with the "\n<Document>:" that follows, so it can be a token short)
-        shared = len(prefix)
-        for ids in full:
-            n = min(len(ids) - 1, shared)
-            diff = np.nonzero(np.asarray(ids[:n]) != prefix[:n])[0]
-            shared = int(diff[0]) if len(diff) else n
+        proc, model, bank = self.processor, self.model, ImageBank(self.processor)
+        q, docs, q_imgs, d_imgs = tokenize_group(proc, bank, instruction, query, documents)
+        bank.preprocess()
+        prefix, cands = finish_group(proc, bank, instruction, q, docs, q_imgs, d_imgs)
         if self.max_length is not None:
-            for i, ids in enumerate(full):
-                if len(ids) > self.max_length:
-                    raise ValueError(f"document {i}: prompt has {len(ids)} tokens > max_length={self.max_length}")
-        if (prefix[shared:] == self.processor.image_pad_id).any():  # the differing tail is text after <|vision_end|>
-            raise AssertionError("the shared prefix ends inside the query image")
-        cands = [ids[shared:] for ids in full]
-        return prefix[:shared].tolist(), cands, d_imgs, images
-
-    def _image_features(self, images) -> list:
-        """Vision tower once per distinct image, in chunks of at most `image_batch_patches` patches."""
-        feats, chunk = [], []
-        flush = lambda: feats.extend(self._vision(chunk)) or chunk.clear()
-        for pv, g in images:
-            if chunk and sum(c[0].shape[0] for c in chunk) + pv.shape[0] > self.image_batch_patches:
-                flush()
-            chunk.append((pv, g))
-        if chunk:
-            flush()
-        return feats
-
-    def _vision(self, chunk):
-        pv = torch.cat([c[0] for c in chunk]).to(self.device)
-        grids = torch.stack([c[1] for c in chunk])
-        out = self.model.image_features(pv, grids)  # (sum tokens, D)
-        return list(out.split((grids.prod(-1) // self.model.config.vision.spatial_merge_size ** 2).tolist()))
-
-    def _encode_prefix(self, prefix, feats, grids):
-        """Keys/values of the shared prefix (batch 1) and the position its continuation starts at."""
-        ids = torch.tensor([prefix], dtype=torch.long)
-        thw = torch.stack(grids) if grids else None
-        pos = rope_position_ids(ids, None, thw, self.model.config.text, self.model.config.vision.spatial_merge_size)
-        _, past = self.model.hidden_states(ids.to(self.device), image_features=torch.cat(feats) if feats else None,
-                                           image_grid_thw=thw, position_ids=pos.to(self.device), last_only=True)
-        return past, int(pos.max()) + 1
-
-    def _plan(self, cands, cand_images, images, start, batch_size):
-        """Host-side batches: length-sorted, padded ids/mask, 3-D position ids, image-token indices, the image
-        features each batch needs (in order) and where its results go."""
+            for i, c in enumerate(cands):
+                if len(prefix) + len(c) > self.max_length:
+                    raise ValueError(f"document {i}: prompt has {len(prefix) + len(c)} tokens "
+                                     f"> max_length={self.max_length}")
+        feats = bank.features(model, self.image_batch_patches)  # vision tower once per distinct image
+        head = model.head_rows([self.yes_id, self.no_id])  # (2, D)
+        # host-side plan: length-sorted batches of candidates, everything padded and indexed in advance
+        pre = pad_batch([prefix], [q_imgs], bank, model, proc.pad_id)
+        start = int(pre["pos"].max()) + 1
         order = sorted(range(len(cands)), key=lambda i: -len(cands[i]))
-        cfg, merge, pad_id = self.model.config.text, self.model.config.vision.spatial_merge_size, self.processor.pad_id
-        batches = []
-        for s in range(0, len(order), batch_size):
-            index = order[s: s + batch_size]
-            S = max(len(cands[i]) for i in index)
-            S = -(-S // self.pad_multiple) * self.pad_multiple
-            ids = torch.full((len(index), S), pad_id, dtype=torch.long)  # (B, S)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(index):
-                cols = slice(S - len(cands[i]), S) if self.padding_side == "left" else slice(0, len(cands[i]))
-                ids[r, cols], mask[r, cols] = torch.tensor(cands[i]), 1
-            imgs = [j for i in index for j in cand_images[i]]
-            thw = torch.stack([images[j][1] for j in imgs]) if imgs else None
-            batches.append(dict(
-                index=torch.tensor(index), ids=ids, mask=mask, images=imgs, last=mask.sum(-1) - 1,
-                pos=rope_position_ids(ids, mask, thw, cfg, merge, start=start),  # (3, B, S)
-                img_pos=torch.nonzero((ids == cfg.image_token_id).flatten()).flatten()))
-        return batches
+        bs = batch_size or self.batch_size
+        plan = [(torch.tensor(order[s:s + bs]),
+                 pad_batch([cands[i] for i in order[s:s + bs]], [d_imgs[i] for i in order[s:s + bs]], bank, model,
+                           proc.pad_id, self.padding_side, start, self.pad_multiple))
+                for s in range(0, len(order), bs)]
+        _, past = run_batch(model, pre, feats, last_only=True)  # the shared prefix, once
+        past_mask = pre["mask"].to(self.device)
+        out = torch.empty(len(cands), 2, device=self.device)
+        left = self.padding_side == "left"
+        for index, batch in plan:  # no host synchronisation in here
+            h, _ = run_batch(model, batch, feats, past=past, past_mask=past_mask, last_only=left)
+            out[index.to(self.device, non_blocking=True)] = yes_no_logits(h, head)
+        return out.cpu()
 
 
 @torch.no_grad()

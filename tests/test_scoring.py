@@ -126,3 +126,19 @@ def test_score_rank_and_errors(ckpt, data):
         Reranker(rr.model, rr.processor, max_length=10).score("q", ["d"])
     with pytest.raises(TypeError, match="must be a str"):
         rr.score("q", [3.5])
+
+
+def test_group_logits_equals_plain_and_has_gradients(model_proc, data):
+    """The training path (many queries, all documents in one batch, autograd) equals the plain forward."""
+    from minigmr.scoring import group_logits
+    model, proc = model_proc
+    queries, docs = data
+    groups = [("Find it.", queries[0], docs[:4]), ("Match the picture.", queries[3], docs[4:9]),
+              ("Find it.", queries[2], [docs[9], docs[0]])]
+    out = group_logits(model, proc, groups)
+    ref = torch.cat([reference_logits(model, proc, q, d, instruction=i) for i, q, d in groups])
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)
+    out[:, 0].sum().backward()
+    assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # images of queries and documents
+    assert model.text.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
