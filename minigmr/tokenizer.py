@@ -62,8 +62,9 @@ def train_bpe_tokenizer(texts, vocab_size: int) -> Tokenizer:
     if vocab_size < 256 + 4:
         raise ValueError(f"vocab_size must be at least 260 (256 byte symbols + the 'yes'/'no' merges), "
                          f"got {vocab_size}")
-    # Repeat the two answer words so their merges are the most frequent pairs and are learned first.
-    texts += ["yes", "no"] * 64
+    # Repeat the two answer words so their merges are the most frequent pairs and are learned first, whatever
+    # the size of the corpus (a fixed count loses to frequent pairs of a large corpus).
+    texts += ["yes", "no"] * max(64, len(texts))
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
     _set_qwen2_pipeline(tok)  # training pre-tokenizes with it

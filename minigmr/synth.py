@@ -1,0 +1,424 @@
+"""A seeded, procedural synthetic world, so that minigmr trains and evaluates on a fresh machine with no download.
+
+Every scene is one *group* of flat shapes: (count, colour, shape, position), e.g. "two red circles on the left".
+Groups are drawn with PIL on a plain background, described in captions, asked about in questions, written in
+passages and rendered as small "document screenshots" (white pages of text in PIL's built-in bitmap font). From
+this world we build:
+  (a) an evaluation suite with one dataset per MRB task type (gmr.md §4): T->T, I->I, T->I, T->VD, I->T
+      (single-/cross-modal) and T->IT, IT->T, IT->I, IT->IT (fused-modal), each with a first-stage run that looks
+      like a real retriever's (weighted attribute overlap + noise, so the positive is usually but not always near
+      the top, and sometimes missing);
+  (b) training data (JSONL: query, positives, negatives, hard_negatives) from a disjoint sample of the same world;
+  (c) a tiny random-init Qwen2.5-VL checkpoint in the official layout, with a BPE tokenizer trained on the world.
+Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
+queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
+Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
+independently of PYTHONHASHSEED), so the same seed gives byte-identical files.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+from typing import NamedTuple
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .config import Config, TextConfig, VisionConfig
+from .data import Item, write_dataset
+from .metrics import rank
+from .model import Qwen25VL
+from .processor import DEFAULT_SYSTEM_PROMPT, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .prompt import DEFAULT_INSTRUCTION, SYSTEM_PROMPT
+from .tokenizer import train_bpe_tokenizer
+
+# ---------------------------------------------------------------------------------------------------- the world
+ATTRIBUTES = ("count", "colour", "shape", "position")
+COUNTS = {1: "one", 2: "two", 3: "three", 4: "four"}
+COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 190, 20),
+           "purple": (148, 103, 189), "orange": (255, 127, 14)}
+SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses",
+          "diamond": "diamonds"}  # singular -> plural
+POSITIONS = {  # name -> (phrase, region (x0, y0, x1, y1) as fractions of the image)
+    "left": ("on the left", (0.04, 0.1, 0.46, 0.9)), "right": ("on the right", (0.54, 0.1, 0.96, 0.9)),
+    "top": ("at the top", (0.1, 0.04, 0.9, 0.46)), "bottom": ("at the bottom", (0.1, 0.54, 0.9, 0.96)),
+    "centre": ("in the centre", (0.25, 0.25, 0.75, 0.75))}
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # where a partial doc's 2nd group goes
+VALUES = {"count": tuple(COUNTS), "colour": tuple(COLOURS), "shape": tuple(SHAPES), "position": tuple(POSITIONS)}
+BACKGROUNDS = ((255, 255, 255), (238, 238, 238), (250, 244, 228))
+SCENE_SIDES = (84, 112)  # width and height each drawn from these (smart_resize keeps multiples of 28 as they are)
+PAGE_SIZES = ((140, 112), (168, 98), (168, 112))  # (width, height) of document screenshots
+
+# Text templates. Fields: scene (full description), count, colour, shape(s), pos, num.
+TEMPLATES = {
+    "question": ("which passage mentions {scene}?", "which page mentions {scene}?", "find the note about {scene}."),
+    "caption": ("{scene}", "a picture of {scene}", "an image with {scene}"),
+    "passage": ("note {num}. the picture shows {scene}.", "record {num}: we drew {scene} on a plain page.",
+                "entry {num}. it has {scene}. nothing else is drawn."),
+    "image+title": ("{colour} {shapes}", "a picture of {shapes}", "shapes {pos}"),
+    "image+question": ("how many {colour} {shapes} are in the picture?", "what colour are the {shapes} {pos}?",
+                       "which shapes are {pos}?", "where are the {colour} {shapes}?"),
+    "image+ask": ("find the card with this picture.", "which card shows these {shapes}?",
+                  "find a card with the same {colour} shapes."),
+    "image+passage": ("note {num}. the picture shows {scene}.", "entry {num}. it has {scene}."),
+}
+EDITS = {"count": "show {count} of them instead.", "colour": "make them {colour}.", "shape": "turn them into {shapes}.",
+         "position": "move them {pos}."}  # IT->I: the edit that turns the reference image into the target
+TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in GME/MTEB style, gmr.md §1.4)
+    "synth_t2t": ("T->T", "question", "passage", "Given a question, retrieve passages that answer the question."),
+    "synth_i2i": ("I->I", "image", "image", "Find an image that shows the same objects as the given image."),
+    "synth_t2i": ("T->I", "caption", "image", "Find an image that matches the given caption."),
+    "synth_t2vd": ("T->VD", "question", "page", "Find a screenshot that relevant to the user's question."),
+    "synth_i2t": ("I->T", "image", "caption", "Find an image caption describing the given image."),
+    "synth_t2it": ("T->IT", "caption", "image+title", "Find a picture with a title that matches the given caption."),
+    "synth_it2t": ("IT->T", "image+question", "passage", "Find the passage that answers the question about the image."),
+    "synth_it2i": ("IT->I", "image+edit", "image",
+                   "Retrieve an image that aligns with the modification instructions of the provided image."),
+    "synth_it2it": ("IT->IT", "image+ask", "image+passage", "Find the card whose picture and text match the query."),
+}
+# The first-stage "retriever": weighted attribute overlap + Gaussian noise. Like real embedders it is good at
+# colour and shape and weak at counting and spatial relations, which leaves room for the reranker.
+RETRIEVER_WEIGHTS = {"count": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.6}
+RETRIEVER_NOISE = 0.6
+# Strings of the GMR prompt (gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
+PROMPT_STRINGS = (SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<Instruct>: ", "<Query>:",
+                  "\n<Document>:", "system", "user", "assistant", "yes", "no")
+
+
+class Group(NamedTuple):
+    count: int
+    colour: str
+    shape: str
+    position: str
+
+
+ALL_GROUPS = [Group(*v) for v in itertools.product(*VALUES.values())]  # 4 * 6 * 6 * 5 = 720
+
+
+def mutate(g: Group, attr: str, rng) -> Group:
+    """The same group with one attribute changed to another value: a hard negative."""
+    return g._replace(**{attr: rng.choice([v for v in VALUES[attr] if v != getattr(g, attr)])})
+
+
+def grade(target: Group, groups: list) -> int:
+    """Relevance of a document showing `groups` to a query for `target`: 2 exact, 1 target plus more, 0 otherwise."""
+    return 2 if groups == [target] else int(target in groups)
+
+
+def describe(groups) -> str:
+    return " and ".join(f"{COUNTS[g.count]} {g.colour} {g.shape if g.count == 1 else SHAPES[g.shape]} "
+                        f"{POSITIONS[g.position][0]}" for g in groups)
+
+
+def fields(groups, num: int) -> dict:
+    g = groups[0]
+    return dict(scene=describe(groups), count=COUNTS[g.count], colour=g.colour, shape=g.shape,
+                shapes=SHAPES[g.shape], pos=POSITIONS[g.position][0], num=num)
+
+
+# ---------------------------------------------------------------------------------------------------- drawing
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+    elif shape == "cross":
+        t = r / 3
+        d.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
+        d.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
+    else:  # polygons given on the unit circle, y down; a star alternates outer and inner (0.45) points
+        unit = {"triangle": [(0, -1), (0.87, 0.6), (-0.87, 0.6)], "diamond": [(0, -1), (0.75, 0), (0, 1), (-0.75, 0)],
+                "star": [((1, 0.45)[k % 2] * math.sin(math.pi * k / 5), -(1, 0.45)[k % 2] * math.cos(math.pi * k / 5))
+                         for k in range(10)]}[shape]
+        d.polygon([(cx + r * x, cy + r * y) for x, y in unit], fill=fill)
+
+
+def draw_scene(groups, rng) -> Image.Image:
+    """Each group's shapes on a grid inside its position's region, with jitter and a random size."""
+    w, h = rng.choice(SCENE_SIDES), rng.choice(SCENE_SIDES)
+    img = Image.new("RGB", (w, h), rng.choice(BACKGROUNDS))
+    d = ImageDraw.Draw(img)
+    for g in groups:
+        x0, y0, x1, y1 = POSITIONS[g.position][1]
+        bx, by, bw, bh = x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h
+        grids = [(1, g.count), (g.count, 1)] + ([(2, 2)] if g.count >= 3 else [])  # (rows, cols)
+        rows, cols = max(grids, key=lambda rc: min(bw / rc[1], bh / rc[0]))
+        cw, ch = bw / cols, bh / rows
+        r = min(cw, ch, 0.3 * min(w, h)) * rng.uniform(0.3, 0.42)  # radius
+        for cell in sorted(rng.sample(range(rows * cols), g.count)):
+            i, j = divmod(cell, cols)
+            cx = bx + (j + 0.5) * cw + rng.uniform(-0.4, 0.4) * (cw / 2 - r)
+            cy = by + (i + 0.5) * ch + rng.uniform(-0.4, 0.4) * (ch / 2 - r)
+            draw_shape(d, g.shape, cx, cy, r, COLOURS[g.colour])
+    return img
+
+
+def draw_page(text: str, rng) -> Image.Image:
+    """A 'document screenshot': a header band with a page number, then `text` word-wrapped in black."""
+    # The bitmap font ships inside Pillow (no system fonts); load_default() became a FreeType font in Pillow 10.1.
+    font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+    w, h = rng.choice(PAGE_SIZES)
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.rectangle((0, 0, w, 14), fill=(222, 226, 236))
+    d.text((4, 2), f"page {rng.randint(1, 99)}", fill=(70, 70, 70), font=font)
+    lines = [""]
+    for word in text.split():
+        fits = d.textlength(f"{lines[-1]} {word}".strip(), font=font) <= w - 8
+        lines[-1:] = [f"{lines[-1]} {word}".strip()] if fits else [lines[-1], word]
+    if 18 + 12 * len(lines) > h:
+        raise ValueError(f"page text does not fit a {w}x{h} page: {text!r}")
+    for i, line in enumerate(lines):
+        d.text((4, 18 + 12 * i), line, fill=(0, 0, 0), font=font)
+    return img
+
+
+def picture_saver(folder: str, stream: str):
+    """`picture(key, draw) -> path relative to folder`. The file name is an opaque hash of the key (so it does
+    not leak the attributes), and draw's randomness comes from the key alone: same key, same picture, saved once."""
+    done = set()
+
+    def picture(key: str, draw) -> str:
+        name = "images/" + hashlib.sha1(f"{stream}/{key}".encode()).hexdigest()[:16] + ".png"
+        if name not in done:
+            draw(random.Random(f"{stream}/{key}")).save(os.path.join(folder, name))
+            done.add(name)
+        return name
+    return picture
+
+
+def render(kind: str, item: dict, rng, picture, variant) -> dict:
+    """One query or document of a given kind as {"text"?, "image"?}. `variant` picks one of the renderings."""
+    groups, out = item["groups"], {}
+    f = fields(groups, rng.randint(1, 99))
+    if kind == "page":
+        draw = lambda r: draw_page(r.choice(TEMPLATES["passage"]).format(**fields(groups, r.randint(1, 99))), r)
+        out["image"] = picture(f"page/{groups}/{variant}", draw)
+    elif kind.startswith("image"):
+        shown = item.get("ref", groups)  # IT->I queries show the reference image, not the target
+        out["image"] = picture(f"scene/{shown}/{variant}", lambda r: draw_scene(shown, r))
+    if kind == "image+edit":
+        out["text"] = EDITS[item["edit"]].format(**f)
+    elif kind in TEMPLATES:
+        out["text"] = rng.choice(TEMPLATES[kind]).format(**f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- task builders
+def make_example(qkind: str, target: Group, rng, n_hard: int, p_partial: float) -> dict:
+    """Attribute records of one query: the query, its exact positive, maybe a partial one, and `n_hard` distinct
+    hard negatives that each change one attribute (spread over all four)."""
+    query, hard = {"groups": [target]}, []
+    if qkind == "image+edit":  # composed retrieval (CIRR-like): the reference image is itself a hard negative
+        attr = rng.choice(ATTRIBUTES)
+        query.update(ref=[mutate(target, attr, rng)], edit=attr)
+        hard.append(query["ref"][0])
+    if n_hard > sum(len(v) - 1 for v in VALUES.values()):
+        raise ValueError(f"n_hard={n_hard} exceeds the number of single-attribute changes of a group")
+    order = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+    for attr in itertools.cycle(order):
+        if len(hard) >= n_hard:
+            break
+        options = [v for v in VALUES[attr] if v != getattr(target, attr) and target._replace(**{attr: v}) not in hard]
+        if options:
+            hard.append(target._replace(**{attr: rng.choice(options)}))
+    positives = [[target]]
+    if target.position in OPPOSITE and rng.random() < p_partial:
+        extra = Group(rng.choice(VALUES["count"]), mutate(target, "colour", rng).colour,
+                      mutate(target, "shape", rng).shape, OPPOSITE[target.position])
+        positives.append([target, extra])
+    return {"query": query, "positives": positives, "hard": [[g] for g in hard]}
+
+
+def retriever_score(target: Group, groups: list, rng) -> float:
+    overlap = max(sum(RETRIEVER_WEIGHTS[a] for a in ATTRIBUTES if getattr(g, a) == getattr(target, a)) for g in groups)
+    return round(overlap + rng.gauss(0.0, RETRIEVER_NOISE), 4)
+
+
+def write_eval_dataset(folder: str, name: str, seed: int = 0, n_queries: int = 24, n_candidates: int = 30,
+                       n_hard: int = 8, p_partial: float = 0.4) -> dict:
+    """Build one dataset of the suite, write it to `folder` and return it with its attribute records
+    ({"queries": [{"id", "groups", ...}], "docs": [{"id", "groups"}], "qrels", "run"}) for inspection and tests."""
+    task, qkind, dkind, instruction = TASKS[name]
+    rng = random.Random(f"{seed}/eval/{name}")
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    picture = picture_saver(folder, f"{seed}/eval/{name}")
+    queries, docs = [], []
+    for i, target in enumerate(rng.sample(ALL_GROUPS, n_queries)):
+        ex = make_example(qkind, target, rng, n_hard, p_partial)
+        queries.append({"id": f"q{i + 1:04d}", **ex["query"]})
+        docs += [{"groups": g} for g in ex["positives"] + ex["hard"]]
+    docs += [{"groups": [g]} for g in rng.sample(ALL_GROUPS, 3 * n_queries)]  # random distractors
+    if len(docs) < n_candidates:
+        raise ValueError(f"{name}: corpus of {len(docs)} documents is smaller than n_candidates={n_candidates}")
+    rng.shuffle(docs)  # so that doc ids say nothing about relevance
+    for i, d in enumerate(docs):
+        d["id"] = f"d{i + 1:04d}"
+    qrels, run = {}, {}
+    for q in queries:
+        target = q["groups"][0]
+        qrels[q["id"]] = {d["id"]: grade(target, d["groups"]) for d in docs if grade(target, d["groups"])}
+        scores = {d["id"]: retriever_score(target, d["groups"], rng) for d in docs}
+        run[q["id"]] = {did: scores[did] for did in rank(scores)[:n_candidates]}  # top-k in trec_eval order
+    items = {}
+    for role, records, kind in (("queries", queries, qkind), ("corpus", docs, dkind)):
+        rendered = (render(kind, r, rng, picture, rng.randrange(10 ** 6)) for r in records)
+        items[role] = [Item(r["id"], x.get("text"), x.get("image")) for r, x in zip(records, rendered)]
+    meta = {"name": name, "task": task, "instruction": instruction, "main_metric": "ndcg@10",
+            "source": f"minigmr.synth seed={seed}"}
+    write_dataset(folder, **meta, queries=items["queries"], corpus=items["corpus"], qrels=qrels, run=run,
+                  run_tag="synth-retriever")  # also loads the folder back, which validates it
+    return {"meta": meta, "queries": queries, "docs": docs, "qrels": qrels, "run": run}
+
+
+def write_eval_suite(suite_dir: str, seed: int = 0, n_queries: int = 24, n_candidates: int = 30) -> dict:
+    """All nine datasets under suite_dir/<name>/; returns {name: dataset} as write_eval_dataset does."""
+    return {name: write_eval_dataset(os.path.join(suite_dir, name), name, seed, n_queries, n_candidates)
+            for name in TASKS}
+
+
+def write_training_data(folder: str, seed: int = 0, n_records: int = 3000, exclude=(), n_hard: int = 6,
+                        n_neg: int = 6) -> list:
+    """folder/train.jsonl (+ folder/images/): the nine task types mixed in equal shares. Query targets in
+    `exclude` (the eval queries' targets) are never used. Pictures come from a small shared pool (3 renderings per
+    group and kind; queries use rendering 0, documents 1 or 2) so thousands of records stay quick to write.
+    Returns the attribute records [{"task", "query", "positives", "hard", "negatives"}] in file order."""
+    rng = random.Random(f"{seed}/train")
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    picture = picture_saver(folder, f"{seed}/train")
+    exclude = set(exclude)
+    allowed = [g for g in ALL_GROUPS if g not in exclude]
+    names = [list(TASKS)[i % len(TASKS)] for i in range(n_records)]
+    rng.shuffle(names)
+    records, plain = [], lambda x: x if "image" in x else x["text"]  # text-only items as bare strings, as allowed
+    with open(os.path.join(folder, "train.jsonl"), "w") as f:
+        for i, name in enumerate(names):
+            _, qkind, dkind, instruction = TASKS[name]
+            target = rng.choice(allowed)
+            ex = make_example(qkind, target, rng, n_hard, p_partial=0.0)
+            ex["negatives"] = []
+            while len(ex["negatives"]) < n_neg:  # random negatives: at least two attributes away from the target
+                g = rng.choice(ALL_GROUPS)
+                if sum(a != b for a, b in zip(g, target)) >= 2 and [g] not in ex["negatives"]:
+                    ex["negatives"].append([g])
+            records.append({"task": TASKS[name][0], **ex})
+            doc = lambda groups: plain(render(dkind, {"groups": groups}, rng, picture, rng.choice((1, 2))))
+            f.write(json.dumps({"id": f"train-{i:05d}", "instruction": instruction,
+                                "query": plain(render(qkind, ex["query"], rng, picture, 0)),
+                                "positives": [doc(g) for g in ex["positives"]],
+                                "negatives": [doc(g) for g in ex["negatives"]],
+                                "hard_negatives": [doc(g) for g in ex["hard"]]}) + "\n")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoint
+def world_texts() -> list:
+    """Everything the tokenizer should know: every template filled for every group, instructions, prompt strings."""
+    texts = list(PROMPT_STRINGS) + [t[3] for t in TASKS.values()] + [f"page {n}" for n in range(100)]
+    for g in ALL_GROUPS:
+        f = fields([g], 0)
+        texts += [t.format(**f) for ts in TEMPLATES.values() for t in ts] + [t.format(**f) for t in EDITS.values()]
+    return texts
+
+
+def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600) -> None:
+    """config.json + model.safetensors (random init), tokenizer.json and preprocessor_config.json, all in the
+    official Qwen2.5-VL layout, sized to train in minutes on a CPU. The vocabulary is small enough that every
+    word of the world is one token (and large enough that train_bpe_tokenizer can keep "yes"/"no" whole)."""
+    os.makedirs(folder, exist_ok=True)
+    tok = train_bpe_tokenizer(world_texts(), tokenizer_vocab)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
+                                           "<|vision_start|>", "<|vision_end|>")}
+    text = TextConfig(vocab_size=-(-tok.get_vocab_size() // 64) * 64, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6],
+                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
+                      eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    vision = VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                          window_size=112, fullatt_block_indexes=[1, 3])
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        model = Qwen25VL(Config(text, vision, dtype="float32"))
+    model.save_pretrained(folder)  # writes config.json (official flat format) + model.safetensors
+    write_json(os.path.join(folder, "preprocessor_config.json"), {  # official flat format (qwen25vl.md §5)
+        "min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True, "do_resize": True,
+        "do_rescale": True, "do_normalize": True, "resample": 3, "rescale_factor": 1 / 255,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
+
+
+# ---------------------------------------------------------------------------------------------------- the whole world
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
+                   n_train: int = 3000) -> dict:
+    """Write suite/, train/train.jsonl and checkpoint/ under out_dir (plus world.json, written last)."""
+    suite = write_eval_suite(os.path.join(out_dir, "suite"), seed, n_eval_queries, n_candidates)
+    eval_targets = {q["groups"][0] for ds in suite.values() for q in ds["queries"]}
+    write_training_data(os.path.join(out_dir, "train"), seed, n_train, exclude=eval_targets)
+    write_tiny_checkpoint(os.path.join(out_dir, "checkpoint"), seed)
+    write_json(os.path.join(out_dir, "world.json"), {"seed": seed, "n_eval_queries": n_eval_queries,
+                                                      "n_candidates": n_candidates, "n_train": n_train})
+    return world_paths(out_dir)
+
+
+def world_paths(out_dir: str) -> dict:
+    return {"root": out_dir, "suite": os.path.join(out_dir, "suite"),
+            "train": os.path.join(out_dir, "train", "train.jsonl"), "checkpoint": os.path.join(out_dir, "checkpoint")}
+
+
+def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
+    """The world at out_dir, generated first if absent. Generation goes to a temporary sibling folder that is
+    renamed into place only when complete, so an interrupted run never leaves a half-written world behind."""
+    manifest = os.path.join(out_dir, "world.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            have = json.load(f)
+        wrong = {k: (have.get(k), v) for k, v in {"seed": seed, **kwargs}.items() if have.get(k) != v}
+        if wrong:
+            raise ValueError(f"{out_dir} holds a world made with other settings (setting: (there, asked)): {wrong}")
+        return world_paths(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} exists, is not empty and has no world.json: not a minigmr synthetic world")
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generate_world(tmp, seed, **kwargs)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not os.path.exists(manifest):  # not a concurrent writer that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return world_paths(out_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate minigmr's synthetic world: eval suite, training data and a "
+                                            "tiny random-init checkpoint.")
+    p.add_argument("--out", required=True,
+                   help="output folder; generated if absent, reused if it holds a world made with these settings")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
+    p.add_argument("--eval-queries", type=int, default=24, help="queries per eval dataset (nine datasets)")
+    p.add_argument("--candidates", type=int, default=30, help="first-stage candidates per query in run.trec")
+    p.add_argument("--train", type=int, default=3000, help="number of training records")
+    a = p.parse_args(argv)
+    paths = ensure_world(a.out, a.seed, n_eval_queries=a.eval_queries, n_candidates=a.candidates, n_train=a.train)
+    print(json.dumps(paths, indent=2))
+
+
+if __name__ == "__main__":
+    main()

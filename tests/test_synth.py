@@ -1,0 +1,192 @@
+"""minigmr.synth: determinism, the suite's structure and modalities, hard negatives, training data, tiny checkpoint.
+
+The checkpoint's layout is checked against transformers (the oracle): it must load there with no missing or
+unexpected keys. Worlds are generated small here (8 queries per dataset, 120 training records) to stay fast."""
+import hashlib
+import json
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from minigmr import synth
+from minigmr.config import Config
+from minigmr.data import load_suite, load_training_data
+from minigmr.model import Qwen25VL
+from minigmr.processor import ImageProcessor, smart_resize
+
+SMALL = dict(n_eval_queries=8, n_candidates=20, n_train=120)
+
+
+def file_hashes(root):
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def differing_attributes(a, b):
+    return [attr for attr in synth.ATTRIBUTES if getattr(a, attr) != getattr(b, attr)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synth.generate_world(str(tmp_path_factory.mktemp("w") / "seed0"), seed=0, **SMALL)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(world, tmp_path):
+    again = synth.generate_world(str(tmp_path / "again"), seed=0, **SMALL)
+    a, b = file_hashes(world["root"]), file_hashes(again["root"])
+    assert any(k.endswith(".png") for k in a)
+    assert "checkpoint/tokenizer.json" in a and "checkpoint/model.safetensors" in a
+    assert a == b
+    other = file_hashes(synth.generate_world(str(tmp_path / "other"), seed=1, **SMALL)["root"])
+    for name in ["checkpoint/model.safetensors", "train/train.jsonl"] + [
+            f"suite/{d}/{f}" for d in synth.TASKS for f in ("corpus.jsonl", "qrels.tsv", "run.trec")]:
+        assert a[name] != other[name], name
+    assert set(k for k in a if k.endswith(".png")).isdisjoint(k for k in other if k.endswith(".png"))
+
+
+def modality(item):
+    return {(True, False): "T", (False, True): "I", (True, True): "IT"}[(item.text is not None, item.image is not None)]
+
+
+def test_suite_structure_and_modalities(world):
+    datasets = load_suite(world["suite"])
+    assert sorted(d.task for d in datasets) == sorted(["T->T", "I->I", "T->I", "T->VD", "I->T", "T->IT", "IT->T",
+                                                       "IT->I", "IT->IT"])
+    for ds in datasets:
+        # the modalities follow from the MRB task name alone (a visual document is an image)
+        want_q, want_d = (m.replace("VD", "I") for m in ds.task.split("->"))
+        assert {modality(q) for q in ds.queries.values()} == {want_q}, ds.name
+        assert {modality(d) for d in ds.corpus.values()} == {want_d}, ds.name
+        assert ds.main_metric == "ndcg@10" and ds.source == "minigmr.synth seed=0" and ds.instruction
+        assert len(ds.queries) == SMALL["n_eval_queries"]
+        for qid in ds.queries:
+            rels = ds.qrels[qid]
+            assert set(rels) <= set(ds.corpus) and any(r >= 1 for r in rels.values()), (ds.name, qid)
+            assert set(rels.values()) <= {1, 2}
+            assert len(ds.run[qid]) == SMALL["n_candidates"] and set(ds.run[qid]) <= set(ds.corpus)
+        for item in list(ds.queries.values()) + list(ds.corpus.values()):
+            assert item.image is None or os.path.isfile(item.image)
+
+
+def test_qrels_hard_negatives_and_run_follow_the_attributes(tmp_path):
+    datasets = synth.write_eval_suite(str(tmp_path), seed=3, n_queries=12, n_candidates=30)
+    loaded = {d.name: d for d in load_suite(str(tmp_path))}
+    at_top, near_in_top10, found = [], [], []
+    for name, ds in datasets.items():
+        docs = {d["id"]: d["groups"] for d in ds["docs"]}
+        for q in ds["queries"]:
+            target = q["groups"][0]
+            # relevance recomputed from the attribute records: 2 = exactly the target, 1 = target plus another group
+            want = {d: 2 if g == [target] else 1 for d, g in docs.items() if target in g}
+            assert loaded[name].qrels[q["id"]] == want
+            # every query has >= 8 single-attribute hard negatives in the corpus, over all four attributes
+            hard = [g[0] for g in docs.values() if len(g) == 1 and len(differing_attributes(g[0], target)) == 1]
+            assert len(hard) >= 8 and {differing_attributes(g, target)[0] for g in hard} == set(synth.ATTRIBUTES)
+            if "ref" in q:  # IT->I: the reference image is one edit away from the target
+                assert differing_attributes(q["ref"][0], target) == [q["edit"]]
+            ranked = loaded[name].candidates(q["id"])
+            at_top.append(docs[ranked[0]] == [target])
+            found.append(any(docs[d] == [target] for d in ranked))
+            near_in_top10.append(any(len(docs[d]) == 1 and len(differing_attributes(docs[d][0], target)) == 1
+                                     for d in ranked[:10]))
+    # a realistic first stage: positive usually retrieved, often not first, hard negatives near the top
+    assert sum(found) / len(found) > 0.8 and sum(at_top) / len(at_top) < 0.7 and sum(near_in_top10) / len(found) > 0.8
+
+
+def test_make_example_hard_negatives_change_exactly_one_attribute():
+    rng = random.Random(0)
+    for qkind in ("question", "image+edit"):
+        for target in rng.sample(synth.ALL_GROUPS, 50):
+            ex = synth.make_example(qkind, target, rng, n_hard=8, p_partial=1.0)
+            hard = [g[0] for g in ex["hard"]]
+            assert len(hard) == len(set(hard)) == 8
+            assert all(len(differing_attributes(g, target)) == 1 for g in hard)
+            assert ex["positives"][0] == [target]
+            if target.position in synth.OPPOSITE:  # the partial doc: target + a group of another colour and shape
+                extra = ex["positives"][1][1]
+                assert ex["positives"][1][0] == target
+                assert {"colour", "shape"} <= set(differing_attributes(extra, target))
+
+
+def test_training_data(world):
+    records = load_training_data(world["train"])
+    assert len(records) == SMALL["n_train"]
+    assert len({r.instruction for r in records}) == len(synth.TASKS)  # all nine task types mixed
+    assert all(len(r.hard_negatives) >= 4 and r.negatives and r.positives for r in records)
+    assert any(r.query.image and r.query.text for r in records) and any(r.query.image is None for r in records)
+
+
+def test_training_records_attributes_and_disjointness(tmp_path):
+    suite = synth.write_eval_suite(str(tmp_path / "suite"), seed=0, n_queries=8, n_candidates=20)
+    eval_targets = {q["groups"][0] for ds in suite.values() for q in ds["queries"]}
+    records = synth.write_training_data(str(tmp_path / "train"), seed=0, n_records=90, exclude=eval_targets)
+    lines = [json.loads(line) for line in open(tmp_path / "train" / "train.jsonl")]
+    for rec, line in zip(records, lines):
+        target = rec["query"]["groups"][0]
+        assert target not in eval_targets
+        assert rec["positives"] == [[target]]
+        assert all(len(differing_attributes(g[0], target)) == 1 for g in rec["hard"])
+        assert all(len(differing_attributes(g[0], target)) >= 2 for g in rec["negatives"])
+        if isinstance(line["positives"][0], str):  # text documents spell out every attribute of the target
+            assert synth.describe([target]) in line["positives"][0]
+
+
+def test_tiny_checkpoint(world):
+    from tokenizers import Tokenizer
+    ckpt = world["checkpoint"]
+    config = Config.from_json(ckpt)
+    tok = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    for word in ("yes", "no"):
+        assert len(tok.encode(word, add_special_tokens=False).ids) == 1
+    t = config.text
+    assert (t.image_token_id, t.video_token_id, t.vision_start_token_id, t.vision_end_token_id) == tuple(
+        tok.token_to_id(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    assert (t.bos_token_id, t.eos_token_id, t.pad_token_id) == tuple(
+        tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_end|>", "<|endoftext|>"))
+    assert t.vocab_size % 64 == 0 and tok.get_vocab_size() <= t.vocab_size < tok.get_vocab_size() + 64
+    model = Qwen25VL.from_pretrained(ckpt)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    # every synthetic image passes the processor unchanged in size (multiples of 28, within min/max pixels)
+    proc = ImageProcessor.from_pretrained(ckpt)
+    for ds in load_suite(world["suite"]):
+        for item in list(ds.corpus.values())[:5]:
+            if item.image:
+                _, (_, gh, gw) = proc.preprocess(item.image)
+                w, h = Image.open(item.image).size
+                assert (gh * 14, gw * 14) == smart_resize(h, w, 28, proc.min_pixels, proc.max_pixels)
+                assert gh * gw // 4 <= 64
+
+
+def test_tiny_checkpoint_loads_in_transformers(world):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(world["checkpoint"], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours = Qwen25VL.from_pretrained(world["checkpoint"])
+    torch.testing.assert_close(hf.get_input_embeddings().weight, ours.text.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_ensure_world_and_cli(world, tmp_path):
+    out = str(tmp_path / "w")
+    synth.main(["--out", out, "--seed", "0", "--eval-queries", str(SMALL["n_eval_queries"]),
+                "--candidates", str(SMALL["n_candidates"]), "--train", str(SMALL["n_train"])])
+    assert file_hashes(out) == file_hashes(world["root"])  # the CLI writes exactly what generate_world writes
+    assert [p for p in os.listdir(tmp_path) if "tmp" in p] == []  # the temporary folder was renamed away
+    mtime = os.path.getmtime(os.path.join(out, "world.json"))
+    assert synth.ensure_world(out, seed=0, **SMALL)["suite"] == os.path.join(out, "suite")
+    assert os.path.getmtime(os.path.join(out, "world.json")) == mtime  # present: not generated again
+    with pytest.raises(ValueError, match="other settings"):
+        synth.ensure_world(out, seed=1)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a minigmr synthetic world"):
+        synth.ensure_world(str(foreign))
