@@ -1,0 +1,380 @@
+"""Evaluate a minigmr reranker the way MRB does (gmr.md §4): rerank every query's first-stage candidates and
+report, per dataset, the first-stage numbers, the reranked numbers and the first-stage recall ceiling, then macro
+averages per task type, per group (single-modal, cross-modal, fused-modal) and overall.
+
+    python eval.py --suite synth                       # the synthetic world (generated on first use), tiny model
+    python eval.py --suite mrb --data-dir mrb/ --model ckpt/ --adapter runs/lora/ --json out/mrb.json
+
+A suite is a folder of datasets in minigmr's format (minigmr/data.py); docs/mrb.md explains how to build MRB's.
+
+What is compared, per dataset:
+  first stage  run.trec as it is (MRB: GME-2B's top 100).
+  reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's p(yes); candidates
+               below the depth keep their first-stage order under all of them. Both runs hold exactly the same
+               documents, so they differ only in the order of the top k.
+  ceiling      first-stage recall@top-k: the share of the relevant documents that are among the candidates the
+               reranker sees. No reranker can recall more; a low ceiling is the first stage's fault.
+  Every number is minigmr.metrics (trec_eval conventions, ties by doc id). Each dataset's `main_metric` is
+  averaged as MRB does: the macro mean over datasets (per task type, per group, overall), each dataset weighing 1.
+
+Scores are cached per dataset in an append-only JSONL file (one line per query, written as soon as the query is
+scored), keyed by the model and adapter (path and file stats, so retraining into the same folder gets a new key),
+the dtype, the rerank depth and a hash of the dataset files; an interrupted run resumes where it stopped.
+"""
+import argparse
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from minigmr.data import TASK_GROUP, TASK_TYPES, load_dataset, load_suite
+from minigmr.metrics import DEFAULT_METRICS, evaluate, parse_metric
+
+DEFAULT_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
+GROUPS = ("single-modal", "cross-modal", "fused-modal")
+MRB_KNOWN_COUNTS = {"T->T": 14, "T->VD": 5, "IT->IT": 3}  # the per-task counts that were found (gmr.md §4)
+MRB_SIZE = 40
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def fingerprint(path):
+    """A model/adapter folder's identity: its absolute path and the (name, size, mtime) of its files."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    stats = [(f, os.stat(os.path.join(path, f))) for f in sorted(os.listdir(path))]
+    return [path] + [[f, s.st_size, s.st_mtime_ns] for f, s in stats if os.path.isfile(os.path.join(path, f))]
+
+
+def dataset_hash(ds):
+    """sha256 of the files the scores depend on. qrels.tsv is left out on purpose (fixing a judgement must not
+    re-score anything); image files are not hashed (too big), only the paths that name them."""
+    h = hashlib.sha256()
+    for name in ("meta.json", "queries.jsonl", "corpus.jsonl", "run.trec"):
+        h.update(name.encode())
+        with open(os.path.join(ds.root, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cache_file(cache_dir, ds, reranker_key, top_k):
+    """-> (path, key): one file per (dataset, reranker, depth), named by a digest of the key."""
+    key = {"reranker": reranker_key, "top_k": top_k, "dataset": ds.name, "dataset_sha256": dataset_hash(ds)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', ds.name)}-{digest}.jsonl"), key
+
+
+def read_cache(path):
+    """{qid: record} of a cache file; the last record of a query wins. Whatever follows the last newline is an
+    interrupted write: it is cut off the file (so the next append starts on a fresh line) and re-scored."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    records = {}
+    for n, line in enumerate(data[:end].split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed cache line ({e.msg}); delete the file to re-score") from None
+        if "qid" in record:  # the first line is a header with the key, for people reading the cache folder
+            records[record["qid"]] = record
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------- reranking
+def as_input(item):
+    """data.Item -> the reranker's input, {"text": str, "image": path} without the half it lacks."""
+    return {k: v for k, v in (("text", item.text), ("image", item.image)) if v is not None}
+
+
+def unreadable(item):
+    """Why PIL cannot decode the item's image, or None (also None for a text-only item)."""
+    if item.image is None:
+        return None
+    try:
+        with Image.open(item.image) as im:
+            im.load()
+    except Exception as e:  # OSError, PIL.UnidentifiedImageError, DecompressionBombError, ...
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def score_query(reranker, ds, qid, cands, batch_size, on_error):
+    """-> (scores {docid: p(yes)} or None when the query itself is dropped, dropped docids, skip messages).
+
+    Images are only opened when the reranker fails, to name the item at fault: in "skip" mode an unreadable
+    candidate is dropped and the rest re-scored, an unreadable query drops the query; any other failure is raised.
+    """
+    query, docs = ds.queries[qid], [ds.corpus[d] for d in cands]
+    try:
+        scores = reranker.score(as_input(query), [as_input(d) for d in docs], instruction=ds.instruction,
+                                batch_size=batch_size)
+        return dict(zip(cands, (float(s) for s in scores))), [], []
+    except Exception as err:
+        bad = [(what, item, why) for what, item in [("query", query)] + [("candidate", d) for d in docs]
+               if (why := unreadable(item))]
+        if not bad:
+            raise
+        msgs = [f"dataset {ds.name!r}: query {qid!r}: {what} {item.id!r}: cannot read image {item.image} ({why})"
+                for what, item, why in bad]
+        if on_error == "raise":
+            raise ValueError(msgs[0]) from err
+        if bad[0][0] == "query":
+            return None, list(cands), msgs[:1]
+        dropped = {item.id for _, item, _ in bad}
+        keep = [d for d in cands if d not in dropped]
+        scores, more, more_msgs = score_query(reranker, ds, qid, keep, batch_size, on_error) if keep else ({}, [], [])
+        return scores, sorted(dropped) + more, msgs + more_msgs
+
+
+def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None):
+    """{qid: {"qid", "scores", "dropped", "skipped"}} for every query; cache = (path, key) or None."""
+    path, key = cache or (None, None)
+    done, records = read_cache(path) if path else {}, {}
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") if path else contextlib.nullcontext() as f:
+        if f and f.tell() == 0:
+            f.write(json.dumps({"key": key}) + "\n")
+        for qid in ds.queries:
+            cands = ds.candidates(qid)[:top_k]
+            record = done.get(qid)
+            covered = record and sorted([*(record["scores"] or {}), *record["dropped"]]) == sorted(cands)
+            if not covered or record["skipped"]:  # a record with skips is retried: the image may be fixed by now
+                scores, dropped, skipped = score_query(reranker, ds, qid, cands, batch_size, on_error) \
+                    if cands else ({}, [], [])
+                record = {"qid": qid, "scores": scores, "dropped": dropped, "skipped": skipped}
+                if f:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()  # a crash loses at most the query being scored
+            records[qid] = record
+            if bar is not None:
+                bar.update()
+    return records
+
+
+def build_runs(ds, records, top_k):
+    """(first-stage run, reranked run) over the same documents: the candidates minus the dropped ones."""
+    first, reranked = {}, {}
+    for qid, record in records.items():
+        if record["scores"] is None:  # the query's own image is unreadable ("skip" mode)
+            continue
+        dropped = set(record["dropped"])
+        first[qid] = {d: s for d, s in ds.run[qid].items() if d not in dropped}
+        head = record["scores"]
+        tail = ds.candidates(qid)[top_k:]  # below the rerank depth: first-stage order, under every reranked doc
+        floor = min(head.values(), default=0.0) - 1.0
+        reranked[qid] = {**head, **{d: floor - i for i, d in enumerate(tail)}}
+    return first, reranked
+
+
+def dataset_numbers(ds, records, top_k, metrics):
+    """All numbers of one dataset (one entry of the report's "datasets")."""
+    first, reranked = build_runs(ds, records, top_k)
+    names, ceiling = list(dict.fromkeys([*metrics, ds.main_metric])), f"recall@{top_k}"
+    try:
+        fs = evaluate(ds.qrels, first, list(dict.fromkeys([*names, ceiling])))
+        rr = evaluate(ds.qrels, reranked, names)
+    except ValueError as e:
+        raise ValueError(f"dataset {ds.name!r} ({ds.root}): {e}") from None
+    skipped = ds.skipped + [m for r in records.values() for m in r["skipped"]]
+    return {"task": ds.task, "group": ds.group, "main_metric": ds.main_metric,
+            "queries": sum(any(r > 0 for r in ds.qrels.get(q, {}).values()) for q in first),
+            "skipped": len(skipped), "skipped_items": skipped,
+            "first_stage": {n: fs[n] for n in names}, "reranked": rr, "ceiling": fs[ceiling]}
+
+
+def aggregate(per_dataset):
+    """Macro means over datasets of the main metric (first stage, reranked) and of the ceiling."""
+    def mean(names):
+        rows = [per_dataset[n] for n in names]
+        avg = lambda get: sum(get(r) for r in rows) / len(rows)
+        return {"datasets": len(rows), "first_stage": avg(lambda r: r["first_stage"][r["main_metric"]]),
+                "reranked": avg(lambda r: r["reranked"][r["main_metric"]]), "ceiling": avg(lambda r: r["ceiling"]),
+                "skipped": sum(r["skipped"] for r in rows)}
+    select = lambda field, value: [n for n, r in per_dataset.items() if r[field] == value]
+    return {"tasks": {t: mean(select("task", t)) for t in TASK_TYPES if select("task", t)},
+            "groups": {g: mean(select("group", g)) for g in GROUPS if select("group", g)},
+            "overall": mean(list(per_dataset))}
+
+
+def evaluate_suite(datasets, reranker, top_k=100, metrics=DEFAULT_METRICS, batch_size=None, on_error="raise",
+                   cache_dir=None, reranker_key=None, progress=True):
+    """Rerank and score every dataset -> {"datasets": {name: numbers}, "tasks", "groups", "overall"}.
+    `reranker` is anything with Reranker.score's signature; caching needs cache_dir and a reranker_key."""
+    if cache_dir is not None and reranker_key is None:
+        raise ValueError("caching needs a reranker_key that identifies the reranker (model, adapter, dtype)")
+    per_dataset = {}
+    with tqdm(total=sum(len(ds.queries) for ds in datasets), unit="query", disable=not progress) as bar:
+        for ds in datasets:
+            bar.set_description(ds.name)
+            cache = cache_file(cache_dir, ds, reranker_key, top_k) if cache_dir is not None else None
+            records = rerank_dataset(ds, reranker, top_k, batch_size, on_error, cache, bar)
+            per_dataset[ds.name] = dataset_numbers(ds, records, top_k, metrics)
+    return {"datasets": per_dataset, **aggregate(per_dataset)}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def report(results, top_k, metrics):
+    """The printed tables: per dataset (main metric, then every metric), per task type, per group and overall."""
+    f, delta = (lambda x: f"{x:.4f}"), (lambda a, b: f"{b - a:+.4f}")
+    ceil, datasets = f"ceiling@{top_k}", results["datasets"]
+    rows = []
+    for n, r in datasets.items():
+        first, reranked = r["first_stage"][r["main_metric"]], r["reranked"][r["main_metric"]]
+        rows.append([n, r["task"], r["queries"], r["skipped"], r["main_metric"], f(first), f(reranked),
+                     delta(first, reranked), f(r["ceiling"])])
+    out = [f"Per dataset: main metric, first stage -> reranked (depth {top_k}); {ceil} = first-stage recall@{top_k}",
+           table(["dataset", "task", "queries", "skipped", "main", "first", "reranked", "delta", ceil], rows),
+           "", "Per dataset, every metric: first stage -> reranked",
+           table(["dataset", *metrics], [[n, *(f"{f(r['first_stage'][m])} -> {f(r['reranked'][m])}" for m in metrics)]
+                                        for n, r in datasets.items()])]
+    numbers = lambda a: [a["datasets"], f(a["first_stage"]), f(a["reranked"]), delta(a["first_stage"], a["reranked"]),
+                         f(a["ceiling"]), a["skipped"]]
+    tail = ["datasets", "first", "reranked", "delta", ceil, "skipped"]
+    out += ["", "Per task type (macro mean of the datasets' main metric)",
+            table(["task", "group", *tail], [[t, TASK_GROUP[t], *numbers(a)] for t, a in results["tasks"].items()]),
+            "", "Per group and overall (macro mean over datasets, as MRB)",
+            table(["group", *tail], [[g, *numbers(a)] for g, a in [*results["groups"].items(),
+                                                                    ("overall", results["overall"])]])]
+    skipped = [m for r in datasets.values() for m in r["skipped_items"]]
+    if skipped:
+        out += ["", f"{len(skipped)} skipped item(s) (--on-error skip):"] + [f"  {m}" for m in skipped[:10]]
+        out += [f"  ... and {len(skipped) - 10} more (all listed in --json)"] if len(skipped) > 10 else []
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Rerank a suite's first-stage candidates with a minigmr reranker and "
+                                            "report first-stage vs reranked numbers, MRB style.")
+    p.add_argument("--suite", choices=("synth", "mrb"), default="synth",
+                   help="synth: the synthetic world's suite (generated under data/synth on first use); "
+                        "mrb: the MRB datasets in --data-dir (see docs/mrb.md)")
+    p.add_argument("--model", help="checkpoint folder (config.json, *.safetensors, tokenizer.json, "
+                                   "preprocessor_config.json); default for synth: the world's tiny checkpoint")
+    p.add_argument("--adapter", help="LoRA adapter folder (peft or minigmr format), merged into the weights")
+    p.add_argument("--data-dir", help="suite folder, one sub-folder per dataset (required for mrb; "
+                                      "default for synth: the world's suite)")
+    p.add_argument("--datasets", nargs="+", metavar="NAME", help="evaluate only these datasets (by name)")
+    p.add_argument("--batch-size", type=int, help="candidates per forward pass (default: the reranker's)")
+    p.add_argument("--top-k", type=int, default=100,
+                   help="rerank depth: only each query's first-stage top k are reranked (default 100, as MRB)")
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
+                   help="ndcg@K, recall@K, mrr@K or map (default: %(default)s); main metrics are always added")
+    p.add_argument("--json", metavar="OUT", help="write every number, the skipped items and the config here")
+    p.add_argument("--cache-dir", help="score cache folder (default: .eval_cache/ next to --json, else ./.eval_cache)")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a missing/unreadable image or a candidate absent from the corpus: raise (default), or "
+                        "skip the item and count it in the table")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights dtype (default: bfloat16 on a GPU, float32 on a CPU); scores are always fp32")
+    args = p.parse_args(argv)
+    for m in args.metrics:
+        try:
+            parse_metric(m)
+        except ValueError as e:
+            p.error(str(e))
+    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+        p.error("--top-k and --batch-size must be positive")
+    if args.suite == "mrb" and (args.data_dir is None or args.model is None):
+        p.error("--suite mrb needs --data-dir (a folder of datasets, docs/mrb.md) and --model")
+    return args
+
+
+def load_selected(data_dir, names, on_error):
+    """load_suite, or only the datasets named (by meta.json "name"): the others are not read, so an error in
+    one of them does not stop the evaluation of another."""
+    if not names:
+        return load_suite(data_dir, on_error=on_error)
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"{data_dir}: suite folder not found")
+    folders = {}
+    for d in sorted(os.listdir(data_dir)):
+        meta = os.path.join(data_dir, d, "meta.json")
+        if not d.startswith(".") and os.path.isfile(meta):
+            with open(meta, encoding="utf-8") as f:
+                try:
+                    folders.setdefault(json.load(f).get("name"), os.path.join(data_dir, d))
+                except (json.JSONDecodeError, AttributeError):
+                    raise ValueError(f"{meta}: malformed (see minigmr/data.py)") from None
+    unknown = sorted(set(names) - set(folders))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown} in {data_dir}; available: {', '.join(map(str, folders))}")
+    return [load_dataset(folders[n], on_error=on_error) for n in sorted(set(names))]
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        out["minigmr"] = importlib.metadata.version("minigmr")
+    except importlib.metadata.PackageNotFoundError:
+        out["minigmr"] = None
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model is None or args.data_dir is None:  # synth defaults
+        from minigmr.synth import ensure_world
+        world = ensure_world(DEFAULT_WORLD)
+        args.model, args.data_dir = args.model or world["checkpoint"], args.data_dir or world["suite"]
+    datasets = load_selected(args.data_dir, args.datasets, args.on_error)
+    if args.suite == "mrb" and not args.datasets:
+        counts = {t: sum(d.task == t for d in datasets) for t in TASK_TYPES}
+        if len(datasets) != MRB_SIZE or any(counts[t] != n for t, n in MRB_KNOWN_COUNTS.items()):
+            print(f"note: MRB has {MRB_SIZE} datasets (T->T 14, T->VD 5, IT->IT 3 known); this suite has "
+                  f"{len(datasets)}: {counts}", file=sys.stderr)
+
+    from minigmr.scoring import Reranker, default_device_dtype
+    device, dtype = default_device_dtype(args.device, getattr(torch, args.dtype) if args.dtype else None)
+    reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device)
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
+                                               ".eval_cache")
+    key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype)}
+    start = time.time()
+    results = evaluate_suite(datasets, reranker, args.top_k, args.metrics, args.batch_size, args.on_error,
+                             cache_dir, key)
+    seconds = time.time() - start
+    print(report(results, args.top_k, args.metrics))
+    print(f"\n{len(datasets)} dataset(s), {sum(len(d.queries) for d in datasets)} queries in {seconds:.1f} s "
+          f"(scores cached in {cache_dir})")
+    results["config"] = {"suite": args.suite, "data_dir": os.path.abspath(args.data_dir),
+                         "model": os.path.abspath(args.model),
+                         "adapter": os.path.abspath(args.adapter) if args.adapter else None,
+                         "top_k": args.top_k, "metrics": args.metrics, "datasets": [d.name for d in datasets],
+                         "on_error": args.on_error, "device": str(device), "dtype": str(dtype),
+                         "batch_size": args.batch_size, "seconds": seconds, "versions": versions()}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Convert a BEIR-style dataset folder plus a first-stage TREC run into one minigmr suite dataset (minigmr/data.py).
+
+    python tools/beir_to_suite.py BEIR_DIR RUN.trec OUT_DIR --name vidore_docvqa --task "T->VD" \\
+        --instruction "Find a screenshot that relevant to the user's question." --main-metric ndcg@10
+
+Input (the BEIR layout, beir-cellar/beir wiki "Load your custom dataset"):
+  BEIR_DIR/corpus.jsonl      {"_id": str, "title": str (optional), "text": str (optional), "image": str (optional)}
+  BEIR_DIR/queries.jsonl     {"_id": str, "text": str (optional), "image": str (optional)}
+  BEIR_DIR/qrels/<split>.tsv header line, then "query-id<TAB>corpus-id<TAB>score"
+  RUN.trec                   "qid Q0 docid rank score tag", e.g. GME-2B's retrieval over the whole corpus
+"image" is not BEIR (which is text only): it is the path of an image file relative to BEIR_DIR, which is how
+multimodal exports are written here (docs/mrb.md shows how to get there from UMRB / M-BEIR / ViDoRe).
+Documents are "title text" joined by a space when both exist, as BEIR's dense retrievers read them.
+
+Output: OUT_DIR in the suite format. Kept: the queries of the qrels split, each with its first `--top-k` run
+candidates (trec_eval order), and only the documents some kept query has as a candidate, since a reranker
+never sees the others (qrels still name every relevant document, so recall keeps the first stage's ceiling).
+Images are copied to OUT_DIR/images/ under their relative path.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from minigmr.data import TASK_TYPES, Item, write_dataset  # noqa: E402
+from minigmr.metrics import rank, read_run  # noqa: E402
+
+
+def read_beir_qrels(path):
+    """{qid: {docid: rel}} from a BEIR qrels TSV (a header line, then query-id, corpus-id, score)."""
+    qrels = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows, None)
+        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
+            raise ValueError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header}")
+        for n, row in enumerate(rows, 2):
+            if not row:
+                continue
+            if len(row) != 3:
+                raise ValueError(f"{path}:{n}: expected 3 tab-separated fields, got {row}")
+            qid, docid, score = (x.strip() for x in row)
+            try:
+                rel = int(float(score))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
+            if docid in qrels.setdefault(qid, {}):
+                raise ValueError(f"{path}:{n}: duplicate judgement for query {qid!r} doc {docid!r}")
+            qrels[qid][docid] = rel
+    return qrels
+
+
+def read_beir_items(path, keep, out_dir, is_corpus):
+    """{id: Item} for the ids in `keep`, streaming the file (a corpus may hold millions of documents)."""
+    items, base = {}, os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if obj.get("_id") in (None, ""):
+                raise ValueError(f"{path}:{n}: missing '_id'")
+            item_id = str(obj["_id"])  # ViDoRe's corpus-id is an integer
+            if item_id not in keep:
+                continue
+            if item_id in items:
+                raise ValueError(f"{path}:{n}: duplicate _id {item_id!r}")
+            parts = [obj.get("title"), obj.get("text")] if is_corpus else [obj.get("text")]
+            text = " ".join(p for p in parts if p) or None
+            image = obj.get("image")
+            if image:
+                src = os.path.normpath(os.path.join(base, image))
+                rel = os.path.relpath(src, base)
+                if rel.startswith(".."):
+                    raise ValueError(f"{path}:{n}: _id {item_id!r}: image {image!r} is outside {base}")
+                if not os.path.isfile(src):
+                    raise ValueError(f"{path}:{n}: _id {item_id!r}: image not found: {src}")
+                image = os.path.join("images", rel)
+                os.makedirs(os.path.dirname(os.path.join(out_dir, image)), exist_ok=True)
+                shutil.copyfile(src, os.path.join(out_dir, image))
+            if text is None and not image:
+                raise ValueError(f"{path}:{n}: _id {item_id!r} has neither text nor image")
+            items[item_id] = Item(item_id, text, image or None)
+    return items
+
+
+def convert(beir_dir, run_file, out_dir, *, name, task, instruction, main_metric, split="test", top_k=100,
+            source=None):
+    """Write out_dir (suite format) and return the loaded, validated Dataset."""
+    qrels = read_beir_qrels(os.path.join(beir_dir, "qrels", f"{split}.tsv"))
+    full_run = read_run(run_file)
+    run = {q: {d: full_run.get(q, {})[d] for d in rank(full_run.get(q, {}))[:top_k]} for q in qrels}
+    needed_docs = {d for docs in run.values() for d in docs}
+    os.makedirs(out_dir, exist_ok=True)
+    corpus = read_beir_items(os.path.join(beir_dir, "corpus.jsonl"), needed_docs, out_dir, is_corpus=True)
+    missing = sorted(needed_docs - set(corpus))
+    if missing:
+        q = next(q for q, docs in run.items() if missing[0] in docs)
+        raise ValueError(f"{run_file}: query {q!r}: candidate {missing[0]!r} is not in corpus.jsonl "
+                         f"({len(missing)} such candidates)")
+    queries = read_beir_items(os.path.join(beir_dir, "queries.jsonl"), set(qrels), out_dir, is_corpus=False)
+    if len(queries) < len(qrels):
+        raise ValueError(f"{beir_dir}/queries.jsonl: query {sorted(set(qrels) - set(queries))[0]!r} of "
+                         f"qrels/{split}.tsv is missing")
+    ignored = sum(q not in qrels for q in full_run)
+    if ignored:
+        print(f"{run_file}: {ignored} run queries are not in qrels/{split}.tsv: ignored", file=sys.stderr)
+    return write_dataset(out_dir, name=name, task=task, instruction=instruction, main_metric=main_metric,
+                         queries=queries, corpus=corpus, qrels=qrels, run=run, source=source)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="BEIR folder + first-stage TREC run -> one minigmr suite dataset.")
+    p.add_argument("beir_dir", help="folder with corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    p.add_argument("run", help="first-stage TREC run file (qid Q0 docid rank score tag)")
+    p.add_argument("out_dir", help="output dataset folder (usually SUITE/<name>)")
+    p.add_argument("--name", required=True, help="dataset name, as eval.py --datasets selects it")
+    p.add_argument("--task", required=True, choices=TASK_TYPES, help="query->document modality, e.g. T->VD")
+    p.add_argument("--instruction", required=True, help="task instruction given to the reranker with every pair")
+    p.add_argument("--main-metric", default="ndcg@10", help="the dataset's reported number (default: ndcg@10)")
+    p.add_argument("--split", default="test", help="qrels split to keep (default: test)")
+    p.add_argument("--top-k", type=int, default=100, help="candidates kept per query (default 100, as MRB)")
+    p.add_argument("--source", help="free-text provenance stored in meta.json (e.g. 'izhx/UMRB-OKVQA + GME-2B')")
+    a = p.parse_args(argv)
+    ds = convert(a.beir_dir, a.run, a.out_dir, name=a.name, task=a.task, instruction=a.instruction,
+                 main_metric=a.main_metric, split=a.split, top_k=a.top_k, source=a.source)
+    print(f"{a.out_dir}: {len(ds.queries)} queries, {len(ds.corpus)} documents, "
+          f"{sum(map(len, ds.run.values()))} candidates")
+
+
+if __name__ == "__main__":
+    main()
