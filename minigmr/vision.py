@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
-from .layers import GatedMLP, RMSNorm, apply_rotary, segment_attention
+from .layers import GatedMLP, RMSNorm, apply_rotary, length_groups, segment_attention
 
 
 # ----------------------------------------------------------------------------- index helpers (no parameters)
@@ -70,13 +70,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)  # rows: [q (heads x Dh); k; v]
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens):
+    def forward(self, x, cos, sin, segments):
         n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)  # 3 x (N, H, Dh)
-        # rotary in fp32 then back, as `apply_rotary_pos_emb_vision` (qwen25vl.md pitfall §7.4)
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
-        out = segment_attention(q, k, v, cu_seqlens)  # (N, H, Dh)
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
+        v = qkv[:, 2]
+        # rotary in fp32 then back, as `apply_rotary_pos_emb_vision` (qwen25vl.md pitfall §7.4); q and k in one
+        # call (half the elementwise kernels): cos/sin (N, 1, Dh) -> (N, 1, 1, Dh) broadcast over q/k and heads
+        q, k = apply_rotary(qkv[:, :2].float(), cos[:, None], sin[:, None]).to(v.dtype).unbind(1)  # 2 x (N, H, Dh)
+        out = segment_attention(q, k, v, segments)  # (N, H, Dh)
         return self.proj(out.reshape(n, -1))
 
 
@@ -88,8 +89,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, segments):
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -154,11 +155,13 @@ class VisionTower(nn.Module):
         angles = angles.reshape(n // unit, unit, -1)[win_idx].reshape(n, -1)  # (N, Dh/2)
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]  # (N, 1, Dh) broadcast over heads, kept fp32
         cos, sin = emb.cos(), emb.sin()
+        # segments grouped by length once on the host, shared by every block of that kind
+        full, windows = length_groups(cu_full), length_groups(cu_window)
         for i, block in enumerate(self.blocks):
-            cu = cu_full if i in cfg.fullatt_block_indexes else cu_window
+            segments = full if i in cfg.fullatt_block_indexes else windows
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, cu, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, segments, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cu)
+                x = block(x, cos, sin, segments)
         x = self.merger(x)  # (N/4, out), window order
         return x[torch.argsort(win_idx)]  # step 8: back to raster order = order of the <|image_pad|> tokens
