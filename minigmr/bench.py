@@ -79,7 +79,6 @@ from .scoring import ImageBank, Reranker, finish_group, group_logits, tokenize_g
 
 WORKLOADS = ("W1", "W2", "W3", "W4")
 LORA_RANK, LORA_ALPHA = 16, 32
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 1280 * 28 * 28  # lychee-rerank-mm's inference limits (gmr.md §1.3)
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice (all cores), before --threads changes it
 

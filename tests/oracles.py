@@ -20,19 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minigmr.tokenizer import QWEN2_SPLIT_REGEX, tokenizer_from_tiktoken, train_bpe_tokenizer  # noqa: E402
 
-# The official Qwen2-VL / Qwen2.5-VL processor chat template (chat_template.json), verbatim.
-QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
+# The official Qwen2-VL / Qwen2.5-VL processor chat template (chat_template.json), kept once, in the benchmark.
+from minigmr.bench import QWEN25VL_CHAT_TEMPLATE  # noqa: E402,F401
 
 _WORDS = ("the a of to and in is was for on that with as by at from image photo picture query document passage "
           "relevant answer question dog cat red blue green car house tree person street city table chart figure "
