@@ -172,6 +172,8 @@ def test_tiny_checkpoint_loads_in_transformers(world):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ours = Qwen25VL.from_pretrained(world["checkpoint"])
     torch.testing.assert_close(hf.get_input_embeddings().weight, ours.text.embed_tokens.weight, rtol=0, atol=0)
+    for w in (ours.text.embed_tokens.weight, ours.text.layers[0].mlp.down_proj.weight, ours.vision.merger.fc2.weight):
+        assert abs(w.std().item() / synth.INIT_STD - 1) < 0.05  # every matrix re-initialised at INIT_STD
 
 
 def test_ensure_world_and_cli(world, tmp_path):
@@ -185,6 +187,12 @@ def test_ensure_world_and_cli(world, tmp_path):
     assert os.path.getmtime(os.path.join(out, "world.json")) == mtime  # present: not generated again
     with pytest.raises(ValueError, match="other settings"):
         synth.ensure_world(out, seed=1)
+    manifest = json.load(open(os.path.join(out, "world.json")))
+    assert manifest["version"] == synth.WORLD_VERSION
+    with open(os.path.join(out, "world.json"), "w") as f:  # a world written by an older minigmr is not reused
+        json.dump({**manifest, "version": synth.WORLD_VERSION - 1}, f)
+    with pytest.raises(ValueError, match=r"'version': \(1, 2\).*delete the folder"):
+        synth.ensure_world(out, seed=0, **SMALL)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
