@@ -237,8 +237,9 @@ def table(header, rows):
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [header, *rows])
 
 
-def report(results, top_k, metrics):
-    """The printed tables: per dataset (main metric, then every metric), per task type, per group and overall."""
+def report(results, top_k, metrics, baseline=None):
+    """The printed tables: per dataset (main metric, then every metric), per task type, per group and overall.
+    baseline: the results of another run (eval.py --json) whose reranked numbers get their own column."""
     f, delta = (lambda x: f"{x:.4f}"), (lambda a, b: f"{b - a:+.4f}")
     ceil, datasets = f"ceiling@{top_k}", results["datasets"]
     rows = []
@@ -251,14 +252,24 @@ def report(results, top_k, metrics):
            "", "Per dataset, every metric: first stage -> reranked",
            table(["dataset", *metrics], [[n, *(f"{f(r['first_stage'][m])} -> {f(r['reranked'][m])}" for m in metrics)]
                                         for n, r in datasets.items()])]
-    numbers = lambda a: [a["datasets"], f(a["first_stage"]), f(a["reranked"]), delta(a["first_stage"], a["reranked"]),
-                         f(a["ceiling"]), a["skipped"]]
-    tail = ["datasets", "first", "reranked", "delta", ceil, "skipped"]
+    def numbers(a, base):
+        row = [a["datasets"], f(a["first_stage"]), f(a["reranked"]), delta(a["first_stage"], a["reranked"])]
+        if baseline is not None:  # the baseline's reranked number over the same datasets, and the gain over it
+            row += [f(base["reranked"]), delta(base["reranked"], a["reranked"])] if base else ["-", "-"]
+        return row + [f(a["ceiling"]), a["skipped"]]
+    b = baseline or {}
+    tail = ["datasets", "first", "reranked", "delta", *(["baseline", "vs base"] if baseline else []), ceil, "skipped"]
     out += ["", "Per task type (macro mean of the datasets' main metric)",
-            table(["task", "group", *tail], [[t, TASK_GROUP[t], *numbers(a)] for t, a in results["tasks"].items()]),
+            table(["task", "group", *tail], [[t, TASK_GROUP[t], *numbers(a, b.get("tasks", {}).get(t))]
+                                             for t, a in results["tasks"].items()]),
             "", "Per group and overall (macro mean over datasets, as MRB)",
-            table(["group", *tail], [[g, *numbers(a)] for g, a in [*results["groups"].items(),
-                                                                    ("overall", results["overall"])]])]
+            table(["group", *tail], [[g, *numbers(a, base)] for g, a, base in [
+                *[(g, a, b.get("groups", {}).get(g)) for g, a in results["groups"].items()],
+                ("overall", results["overall"], b.get("overall"))]])]
+    if baseline is not None:
+        same = sorted(baseline.get("datasets", {})) == sorted(datasets)
+        out += [f"baseline: {baseline.get('config', {}).get('model', '?')} (reranked)" +
+                ("" if same else "; NOTE: it was evaluated on other datasets, so its means are not comparable")]
     skipped = [m for r in datasets.values() for m in r["skipped_items"]]
     if skipped:
         out += ["", f"{len(skipped)} skipped item(s) (--on-error skip):"] + [f"  {m}" for m in skipped[:10]]
@@ -292,7 +303,14 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default: bfloat16 on a GPU, float32 on a CPU); scores are always fp32")
+    p.add_argument("--baseline", metavar="JSON", help="the --json of an earlier run (e.g. the untrained model): "
+                   "its reranked numbers are printed next to this run's in the task, group and overall tables")
+    p.add_argument("--score", choices=("sft", "cl"), help="sft: p(yes), the softmax over the yes/no logits; cl: "
+                   "the yes logit, for InfoNCE-trained models (gmr.md §1.2). Default: what the checkpoint's "
+                   "minigmr_reranker.json says (train.py writes it), else sft")
     args = p.parse_args(argv)
+    if args.baseline and not os.path.isfile(args.baseline):
+        p.error(f"--baseline {args.baseline}: no such file (write one with eval.py --json)")
     for m in args.metrics:
         try:
             parse_metric(m)
@@ -351,15 +369,25 @@ def main(argv=None):
 
     from minigmr.scoring import Reranker, default_device_dtype
     device, dtype = default_device_dtype(args.device, getattr(torch, args.dtype) if args.dtype else None)
-    reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device)
+    reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device,
+                                        score=args.score)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
                                                ".eval_cache")
-    key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype)}
+    key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype),
+           "score": reranker.score_type}
     start = time.time()
     results = evaluate_suite(datasets, reranker, args.top_k, args.metrics, args.batch_size, args.on_error,
                              cache_dir, key)
     seconds = time.time() - start
-    print(report(results, args.top_k, args.metrics))
+    print(f"score: {reranker.score_type} ({'p(yes)' if reranker.score_type == 'sft' else 'the yes logit'})")
+    baseline = None
+    if args.baseline:
+        with open(args.baseline, encoding="utf-8") as f:
+            baseline = json.load(f)
+        if baseline.get("config", {}).get("top_k") != args.top_k:
+            print(f"note: --baseline {args.baseline} was reranked at depth {baseline.get('config', {}).get('top_k')}, "
+                  f"this run at {args.top_k}", file=sys.stderr)
+    print(report(results, args.top_k, args.metrics, baseline))
     print(f"\n{len(datasets)} dataset(s), {sum(len(d.queries) for d in datasets)} queries in {seconds:.1f} s "
           f"(scores cached in {cache_dir})")
     results["config"] = {"suite": args.suite, "data_dir": os.path.abspath(args.data_dir),
@@ -367,6 +395,7 @@ def main(argv=None):
                          "adapter": os.path.abspath(args.adapter) if args.adapter else None,
                          "top_k": args.top_k, "metrics": args.metrics, "datasets": [d.name for d in datasets],
                          "on_error": args.on_error, "device": str(device), "dtype": str(dtype),
+                         "score": reranker.score_type,
                          "batch_size": args.batch_size, "seconds": seconds, "versions": versions()}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

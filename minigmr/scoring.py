@@ -18,13 +18,14 @@ torch.compile. Weights are bf16 on a GPU and fp32 on a CPU; scores are always fp
 `group_logits` is the same computation with autograd for training (many queries at once, all candidates in one
 batch); `reference_logits` is the plain path, kept for the tests to compare against.
 """
+import json
 import os
 
 import numpy as np
 import torch
 
 from .decoder import rope_position_ids
-from .losses import sft_score, yes_no_logits
+from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
 from .processor import Processor
 from .prompt import DEFAULT_INSTRUCTION, as_item, gmr_messages, query_messages
@@ -151,18 +152,28 @@ def run_batch(model: Qwen25VL, batch: dict, feats: list, past=None, past_mask=No
 
 
 # ----------------------------------------------------------------------------- training path (autograd)
-def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max_batch_tokens=None) -> torch.Tensor:
+def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max_batch_tokens=None,
+                 max_length=None, return_lengths=False):
     """[z_yes, z_no] (M, 2) fp32 for every document of every group, with autograd, for training.
 
     groups: list of (instruction, query, documents). All prefixes run as one left-padded batch (G, P); the
     documents, sorted by length, in batches of at most `max_batch_tokens` padded tokens (default: 2048 on a CPU,
     where small buffers are reused instead of page-faulted; unbounded on a GPU) on top of their own group's
-    prefix keys/values (gathered per row). Sorting cuts the padding of one (M, longest) batch."""
+    prefix keys/values (gathered per row). Sorting cuts the padding of one (M, longest) batch.
+    A prompt longer than `max_length` tokens raises ValueError naming (group, document): nothing is truncated.
+    return_lengths: also return the M full prompt lengths (list of int), e.g. for a tokens/s log."""
     bank = ImageBank(processor)
     parsed = [tokenize_group(processor, bank, *g) for g in groups]
     bank.preprocess()
-    feats = bank.features(model)
     done = [finish_group(processor, bank, ins, *p) for (ins, _, _), p in zip(groups, parsed)]
+    lengths = [len(d[0]) + len(c) for d in done for c in d[1]]  # (M,) group-major, as the output rows
+    if max_length is not None:
+        for g, d in enumerate(done):
+            for j, c in enumerate(d[1]):
+                if len(d[0]) + len(c) > max_length:
+                    raise ValueError(f"group {g} document {j}: prompt has {len(d[0]) + len(c)} tokens "
+                                     f"> max_length={max_length}")
+    feats = bank.features(model)
     pad_id = processor.pad_id
     prefixes = pad_batch([d[0] for d in done], [p[2] for p in parsed], bank, model, pad_id)
     _, past = run_batch(model, prefixes, feats, last_only=True)
@@ -183,16 +194,37 @@ def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max
         order += b
     h = torch.cat(hs)[torch.tensor(order).argsort().to(device)]  # (M, D) back in group-major document order
     yes_no = yes_no or (processor.token_id("yes"), processor.token_id("no"))
-    return yes_no_logits(h, model.head_rows(list(yes_no)))
+    z = yes_no_logits(h, model.head_rows(list(yes_no)))
+    return (z, lengths) if return_lengths else z
 
 
 # ----------------------------------------------------------------------------- inference
+# A checkpoint folder may say which score it is read with: train.py writes {"score": "cl"} for an InfoNCE-trained
+# model, whose "no" logit no loss ever constrained, so p(yes) would rank by noise (gmr.md §1.2: s_CL = z_yes).
+SCORE_FILE = "minigmr_reranker.json"
+
+
+def checkpoint_score(path: str) -> str:
+    """The score a checkpoint folder asks for in SCORE_FILE: "sft" (p(yes)) or "cl" (z_yes); "sft" if absent."""
+    file = os.path.join(path, SCORE_FILE)
+    if not os.path.exists(file):
+        return "sft"
+    with open(file) as f:
+        score = json.load(f).get("score")
+    if score not in ("sft", "cl"):
+        raise ValueError(f"{file}: 'score' must be 'sft' or 'cl', got {score!r}")
+    return score
+
+
 class Reranker:
     def __init__(self, model: Qwen25VL, processor: Processor, batch_size: int = 16, padding_side: str = "left",
                  max_length: int | None = None, image_batch_patches: int | None = None,
-                 pad_multiple: int | None = None, max_batch_tokens: int | None = None):
+                 pad_multiple: int | None = None, max_batch_tokens: int | None = None, score: str = "sft"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if score not in ("sft", "cl"):
+            raise ValueError(f"score must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score!r}")
+        self.score_type = score
         self.model, self.processor = model.eval(), processor
         self.device = model.head_weight.device
         self.batch_size, self.padding_side, self.max_length = batch_size, padding_side, max_length
@@ -208,20 +240,24 @@ class Reranker:
 
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, dtype=None, device=None, min_pixels=None,
-                        max_pixels=None, **kw) -> "Reranker":
+                        max_pixels=None, score: str | None = None, **kw) -> "Reranker":
         """Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json), optionally
-        with a LoRA adapter directory (minigmr or peft format), merged into the weights for inference."""
+        with a LoRA adapter directory (minigmr or peft format), merged into the weights for inference.
+        score: "sft" or "cl"; default: what the checkpoint's SCORE_FILE says, else "sft"."""
+        score = score or checkpoint_score(path)
         device, dtype = default_device_dtype(device, dtype)
         model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
         if adapter is not None:
             from .lora import load_adapter, merge_lora
             load_adapter(model, adapter)
             merge_lora(model)
-        return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels), **kw)
+        return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels), score=score, **kw)
 
     def score(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> list:
-        """p(yes | instruction, query, document) for each document: softmax over the yes/no logits, fp32."""
-        return sft_score(self.logits(query, documents, instruction, batch_size)).tolist()
+        """One fp32 score per document: p(yes | instruction, query, document), the softmax over the yes/no logits
+        (score="sft"), or the yes logit z_yes (score="cl", for models trained with InfoNCE)."""
+        z = self.logits(query, documents, instruction, batch_size)
+        return (sft_score(z) if self.score_type == "sft" else cl_score(z)).tolist()
 
     def rank(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, top_k=None, batch_size=None) -> list:
         """[(index, score)] sorted by score, best first (ties: lower index first); the first `top_k` only."""

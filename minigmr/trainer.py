@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .lora import load_adapter, remove_lora, save_adapter
+from .scoring import SCORE_FILE
 from .weights import to_hf
 
 # Files of a checkpoint folder besides the weights that a processor / tokenizer needs; copied into merged/.
@@ -104,13 +105,17 @@ def load_checkpoint(path: str, model, optimizer, lora_ids: set) -> None:
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
 
 
-def export_merged(model, out: str, model_dir: str) -> str:
+def export_merged(model, out: str, model_dir: str, score: str = "sft") -> str:
     """out/merged: the model with every LoRA adapter merged (lora.remove_lora, in place: call it last), saved in
-    the official layout in the dtype `model_dir` was stored in, plus the processor files of `model_dir`."""
+    the official layout in the dtype `model_dir` was stored in, plus the processor files of `model_dir` and
+    scoring.SCORE_FILE naming the score the model is to be read with ("sft": p(yes), "cl": the yes logit)."""
     final, tmp = os.path.join(out, "merged"), os.path.join(out, "merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     remove_lora(model)  # W <- W + scaling * B A; plain nn.Linear again, so the official key names apply
     model.save_pretrained(tmp, dtype=getattr(torch, model.config.dtype))
+    with open(os.path.join(tmp, SCORE_FILE), "w") as f:
+        json.dump({"score": score}, f)
+        f.write("\n")
     for name in PROCESSOR_FILES:
         if os.path.exists(os.path.join(model_dir, name)):
             shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))

@@ -38,6 +38,8 @@ class FakeReranker:
     """Reranker.score's signature; the score is a hash of (instruction, query, document), so the test knows it.
     Opens images like the real one (so a broken file fails), counts calls, and can fail after `fail_after` calls."""
 
+    score_type = "sft"  # what Reranker reports (eval.py prints it and keys its cache on it)
+
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = 0, fail_after
 
@@ -345,6 +347,40 @@ def check_end_to_end(root, model, tmp_path, capsys):
 
 def test_end_to_end_synthetic_checkpoint(synth_suite, tmp_path, capsys):
     check_end_to_end(synth_suite, synth_suite / "checkpoint", tmp_path, capsys)
+
+
+def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
+    """--score cl ranks by the yes logit (cached apart from the p(yes) run); --baseline prints a run's numbers
+    next to another's."""
+    from minigmr.scoring import Reranker
+    base = ["--data-dir", str(synth_suite / "suite"), "--model", str(synth_suite / "checkpoint"), "--datasets",
+            "synth_t2t", "--top-k", "6", "--cache-dir", str(tmp_path / "cache")]
+    ev.main(base + ["--json", str(tmp_path / "sft.json")])
+    capsys.readouterr()
+    ev.main(base + ["--score", "cl", "--json", str(tmp_path / "cl.json"), "--baseline", str(tmp_path / "sft.json")])
+    printed = capsys.readouterr().out
+    sft, cl = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("sft", "cl"))
+    assert sft["config"]["score"] == "sft" and cl["config"]["score"] == "cl"
+    assert len(list((tmp_path / "cache").glob("synth_t2t-*.jsonl"))) == 2  # the score type is part of the key
+    ds = next(d for d in load_suite(synth_suite / "suite") if d.name == "synth_t2t")
+    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score="cl")
+    item = lambda x: {k: v for k, v in (("text", x.text), ("image", x.image)) if v is not None}
+    logit = {}
+    for q in ds.queries:
+        cands = ds.candidates(q)[:6]
+        z = rr.logits(item(ds.queries[q]), [item(ds.corpus[d]) for d in cands], instruction=ds.instruction)
+        logit.update({(q, d): v for d, v in zip(cands, z[:, 0].tolist())})
+    want = evaluate(ds.qrels, expected_reranked(ds, lambda q, d: logit[q, d], 6), METRICS)
+    for m in METRICS:
+        assert cl["datasets"]["synth_t2t"]["reranked"][m] == pytest.approx(want[m], rel=1e-12)
+    header = next(line for line in printed.splitlines() if line.startswith("group "))
+    assert "baseline" in header.split() and "vs" in header.split()
+    overall = next(line for line in printed.splitlines() if line.startswith("overall")).split()
+    b, r = sft["overall"]["reranked"], cl["overall"]["reranked"]
+    assert overall[5:7] == [f"{b:.4f}", f"{r - b:+.4f}"]  # datasets first reranked delta | baseline vs-base
+    with pytest.raises(SystemExit):
+        ev.parse_args(base + ["--baseline", str(tmp_path / "missing.json")])
+    assert "--baseline" in capsys.readouterr().err
 
 
 def test_end_to_end_transformers_checkpoint(synth_suite, tmp_path, capsys):

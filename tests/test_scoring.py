@@ -128,6 +128,28 @@ def test_score_rank_and_errors(ckpt, data):
         rr.score("q", [3.5])
 
 
+def test_cl_score_is_the_yes_logit_and_checkpoints_can_ask_for_it(ckpt, data, tmp_path):
+    import json
+    import shutil
+    queries, docs = data
+    logits = Reranker.from_pretrained(ckpt).logits(queries[0], docs)
+    cl = Reranker.from_pretrained(ckpt, score="cl")
+    assert cl.score_type == "cl"
+    torch.testing.assert_close(torch.tensor(cl.score(queries[0], docs)), logits[:, 0], atol=1e-6, rtol=0)
+    assert [i for i, _ in cl.rank(queries[0], docs)] == logits[:, 0].argsort(descending=True, stable=True).tolist()
+    # a checkpoint folder with minigmr_reranker.json (train.py writes it) is read with the score it names
+    marked = tmp_path / "marked"
+    shutil.copytree(ckpt, marked)
+    (marked / "minigmr_reranker.json").write_text(json.dumps({"score": "cl"}))
+    assert Reranker.from_pretrained(str(marked)).score_type == "cl"
+    assert Reranker.from_pretrained(str(marked), score="sft").score_type == "sft"  # an explicit choice wins
+    (marked / "minigmr_reranker.json").write_text(json.dumps({"score": "logit"}))
+    with pytest.raises(ValueError, match="minigmr_reranker.json: 'score' must be 'sft' or 'cl'"):
+        Reranker.from_pretrained(str(marked))
+    with pytest.raises(ValueError, match="score must be 'sft'"):
+        Reranker(cl.model, cl.processor, score="z")
+
+
 def test_group_logits_equals_plain_and_has_gradients(model_proc, data):
     """The training path (many queries, all documents in one batch, autograd) equals the plain forward."""
     from minigmr.scoring import group_logits
@@ -135,9 +157,13 @@ def test_group_logits_equals_plain_and_has_gradients(model_proc, data):
     queries, docs = data
     groups = [("Find it.", queries[0], docs[:4]), ("Match the picture.", queries[3], docs[4:9]),
               ("Find it.", queries[2], [docs[9], docs[0]])]
-    out = group_logits(model, proc, groups)
+    out, lengths = group_logits(model, proc, groups, return_lengths=True)
     ref = torch.cat([reference_logits(model, proc, q, d, instruction=i) for i, q, d in groups])
     torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)
+    full = [proc.apply_chat([gmr_messages(i, q, d)])["input_ids"].shape[1] for i, q, ds in groups for d in ds]
+    assert lengths == full  # the lengths of the whole prompts, group-major
+    with pytest.raises(ValueError, match=f"group 1 document 0: prompt has {full[4]} tokens > max_length="):
+        group_logits(model, proc, groups, max_length=max(full[:4]))  # group 1 (images) has the longest prompts
     out[:, 0].sum().backward()
     assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # images of queries and documents
     assert model.text.layers[0].attn.q_proj.weight.grad.abs().sum() > 0

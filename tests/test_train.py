@@ -165,6 +165,9 @@ def test_each_objective_fits_one_batch(world, tmp_path, objective, extra):
         assert first == pytest.approx(3 * math.log(2), abs=1e-6)
     for x in lines:
         assert 0 <= x["w_pos"] <= 1 and 0 <= x["w_neg"] <= 1  # W_SFT, W_CL in [0, 1]; W_DPO in (0, beta = 1)
+    # the export says which score to read it with: the yes logit after InfoNCE, p(yes) otherwise (this url: D_SFT)
+    with open(os.path.join(tmp_path, "merged", "minigmr_reranker.json")) as f:
+        assert json.load(f) == {"score": "cl" if objective == "infonce" else "sft"}
 
 
 # ------------------------------------------------------------------------------------------------ merged export
