@@ -115,7 +115,7 @@ a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help
   "(cosine and linear decay to 0 at the last step)")
 a("--warmup-steps", type=int, default=None, help="linear warm-up steps. Default: 5%% of the steps")
 a("--steps", type=int, default=None, help="optimizer steps (default 2500 unless --epochs is given: the tiny "
-  "demo's ~7 minutes on a 2-core CPU)")
+  "demo's 6-8 minutes on a 2-core CPU)")
 a("--epochs", type=float, default=None, help="train for this many passes over the records instead of --steps")
 a("--micro-batch", type=int, default=4, help="groups per forward pass per process (a group = 1+N prompts)")
 a("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; global batch = "
