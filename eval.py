@@ -99,11 +99,6 @@ def read_cache(path):
 
 
 # ---------------------------------------------------------------------------------------------------- reranking
-def as_input(item):
-    """data.Item -> the reranker's input, {"text": str, "image": path} without the half it lacks."""
-    return {k: v for k, v in (("text", item.text), ("image", item.image)) if v is not None}
-
-
 def unreadable(item):
     """Why PIL cannot decode the item's image, or None (also None for a text-only item)."""
     if item.image is None:
@@ -124,7 +119,7 @@ def score_query(reranker, ds, qid, cands, batch_size, on_error):
     """
     query, docs = ds.queries[qid], [ds.corpus[d] for d in cands]
     try:
-        scores = reranker.score(as_input(query), [as_input(d) for d in docs], instruction=ds.instruction,
+        scores = reranker.score(query.as_input(), [d.as_input() for d in docs], instruction=ds.instruction,
                                 batch_size=batch_size)
         return dict(zip(cands, (float(s) for s in scores))), [], []
     except Exception as err:
@@ -354,12 +349,29 @@ def versions():
     return out
 
 
+def read_baseline(path, top_k):
+    """The results of an earlier `eval.py --json` run, for report()'s baseline column; clear errors otherwise."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            baseline = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--baseline {path}: not valid JSON ({err.msg}, line {err.lineno}); "
+                             "write it with eval.py --json") from None
+    if not isinstance(baseline, dict) or "overall" not in baseline:
+        raise ValueError(f"--baseline {path}: not an eval.py --json result (no 'overall' numbers)")
+    if baseline.get("config", {}).get("top_k") != top_k:
+        print(f"note: --baseline {path} was reranked at depth {baseline.get('config', {}).get('top_k')}, "
+              f"this run at {top_k}", file=sys.stderr)
+    return baseline
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.model is None or args.data_dir is None:  # synth defaults
         from minigmr.synth import ensure_world
         world = ensure_world(DEFAULT_WORLD)
         args.model, args.data_dir = args.model or world["checkpoint"], args.data_dir or world["suite"]
+    baseline = read_baseline(args.baseline, args.top_k) if args.baseline else None  # fail before scoring
     datasets = load_selected(args.data_dir, args.datasets, args.on_error)
     if args.suite == "mrb" and not args.datasets:
         counts = {t: sum(d.task == t for d in datasets) for t in TASK_TYPES}
@@ -380,13 +392,6 @@ def main(argv=None):
                              cache_dir, key)
     seconds = time.time() - start
     print(f"score: {reranker.score_type} ({'p(yes)' if reranker.score_type == 'sft' else 'the yes logit'})")
-    baseline = None
-    if args.baseline:
-        with open(args.baseline, encoding="utf-8") as f:
-            baseline = json.load(f)
-        if baseline.get("config", {}).get("top_k") != args.top_k:
-            print(f"note: --baseline {args.baseline} was reranked at depth {baseline.get('config', {}).get('top_k')}, "
-                  f"this run at {args.top_k}", file=sys.stderr)
     print(report(results, args.top_k, args.metrics, baseline))
     print(f"\n{len(datasets)} dataset(s), {sum(len(d.queries) for d in datasets)} queries in {seconds:.1f} s "
           f"(scores cached in {cache_dir})")

@@ -63,7 +63,7 @@ from minigmr.lora import (TEXT_TARGETS, VISION_TARGETS, disable_adapters, inject
                           mark_only_lora_trainable)
 from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
-from minigmr.scoring import group_logits
+from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
 
 DEMO_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
@@ -244,17 +244,15 @@ class YesNoScorer(nn.Module):
         self.model, self.yes_no_ids = model, yes_no_ids
 
     def forward(self, groups):
-        chats = [(r.instruction, item(r.query), [item(d) for d in (pos, *negs)]) for r, pos, negs in groups]
+        chats = [(r.instruction, r.query.as_input(), [d.as_input() for d in (pos, *negs)])
+                 for r, pos, negs in groups]
         try:
             return group_logits(self.model, processor, chats, self.yes_no_ids, max_length=args.max_length,
                                 return_lengths=True)
-        except ValueError as e:
-            if not str(e).startswith("group "):
-                raise
-            g = int(str(e).split()[1])
-            raise ValueError(f"{args.data}: record {groups[g][0].id!r}: {str(e).split(': ', 1)[1]} (--max-length "
-                             f"{args.max_length}); minigmr never truncates (that would cut image tokens or the answer "
-                             "position). Raise --max-length or lower --max-pixels") from None
+        except PromptTooLong as e:
+            raise ValueError(f"{args.data}: record {groups[e.group][0].id!r}: a prompt has {e.length} tokens > "
+                             f"--max-length {args.max_length}; minigmr never truncates (that would cut image tokens "
+                             "or the answer position). Raise --max-length or lower --max-pixels") from None
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -289,11 +287,6 @@ def global_batch(step):
         record = records[epoch_order(epoch)[i]]
         groups.append((record, *samplers[record.instruction].sample(record, rng)))
     return groups
-
-
-def item(x):
-    """data.Item -> the {"text"?, "image"?} input of the scorer."""
-    return {k: v for k, v in (("text", x.text), ("image", x.image)) if v is not None}
 
 
 def objective(z, z_ref):

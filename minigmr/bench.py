@@ -57,7 +57,6 @@ import ctypes
 import gc
 import importlib.util
 import json
-import math
 import os
 import random
 import re
@@ -74,7 +73,7 @@ from PIL import Image
 from .config import Config
 from .losses import sft_loss, sft_score
 from .processor import Processor
-from .prompt import DEFAULT_INSTRUCTION, as_item, gmr_messages
+from .prompt import DEFAULT_INSTRUCTION, gmr_messages
 from .scoring import ImageBank, Reranker, finish_group, group_logits, tokenize_group
 
 WORKLOADS = ("W1", "W2", "W3", "W4")
@@ -308,9 +307,10 @@ class MinigmrRunner:
         return sft_score(z.detach())
 
 
-def make_hf_processor(ckpt: str):
-    """transformers' tokenizer + PIL image processor (official pixel limits) + an image-only Qwen2_5_VLProcessor
-    (the stock one requires torchvision for its video processor; qwen25vl.md B.7) with the official chat template."""
+def make_hf_processor(path: str, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+    """transformers' tokenizer + PIL image processor (official pixel limits unless given) + an image-only
+    Qwen2_5_VLProcessor (the stock one requires torchvision for its video processor; qwen25vl.md B.7) with the
+    official chat template. `path`: a tokenizer.json file or a folder holding one. The tests' oracle too."""
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -323,8 +323,8 @@ def make_hf_processor(ckpt: str):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    tok = Qwen2Tokenizer(tokenizer_file=os.path.join(ckpt, "tokenizer.json"))
-    images = Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+    tok = Qwen2Tokenizer(tokenizer_file=str(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path))
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     return ImageOnlyQwen2_5_VLProcessor(images, tok, chat_template=QWEN25VL_CHAT_TEMPLATE)
 
 

@@ -65,6 +65,10 @@ class Item:
     text: str | None = None
     image: str | None = None  # absolute path once loaded
 
+    def as_input(self) -> dict:
+        """{"text"?, "image"?} without the half it lacks: a query/document as Reranker and group_logits take it."""
+        return {k: v for k, v in (("text", self.text), ("image", self.image)) if v is not None}
+
 
 @dataclass
 class Dataset:

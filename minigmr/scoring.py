@@ -152,6 +152,14 @@ def run_batch(model: Qwen25VL, batch: dict, feats: list, past=None, past_mask=No
 
 
 # ----------------------------------------------------------------------------- training path (autograd)
+class PromptTooLong(ValueError):
+    """group_logits: the prompt of (group, document) has `length` > max_length tokens (kept for the caller)."""
+
+    def __init__(self, group: int, document: int, length: int, max_length: int):
+        super().__init__(f"group {group} document {document}: prompt has {length} tokens > max_length={max_length}")
+        self.group, self.document, self.length = group, document, length
+
+
 def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max_batch_tokens=None,
                  max_length=None, return_lengths=False):
     """[z_yes, z_no] (M, 2) fp32 for every document of every group, with autograd, for training.
@@ -171,8 +179,7 @@ def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max
         for g, d in enumerate(done):
             for j, c in enumerate(d[1]):
                 if len(d[0]) + len(c) > max_length:
-                    raise ValueError(f"group {g} document {j}: prompt has {len(d[0]) + len(c)} tokens "
-                                     f"> max_length={max_length}")
+                    raise PromptTooLong(g, j, len(d[0]) + len(c), max_length)
     feats = bank.features(model)
     pad_id = processor.pad_id
     prefixes = pad_batch([d[0] for d in done], [p[2] for p in parsed], bank, model, pad_id)
@@ -210,7 +217,11 @@ def checkpoint_score(path: str) -> str:
     if not os.path.exists(file):
         return "sft"
     with open(file) as f:
-        score = json.load(f).get("score")
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    score = record.get("score") if isinstance(record, dict) else None
     if score not in ("sft", "cl"):
         raise ValueError(f"{file}: 'score' must be 'sft' or 'cl', got {score!r}")
     return score

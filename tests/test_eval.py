@@ -4,7 +4,6 @@ the real tiny checkpoints (minigmr's synthetic one and a transformers-saved one)
 import hashlib
 import importlib.util
 import json
-import os
 import random
 from pathlib import Path
 
@@ -381,6 +380,12 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(base + ["--baseline", str(tmp_path / "missing.json")])
     assert "--baseline" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"overall": ')
+    with pytest.raises(ValueError, match=r"--baseline .*bad.json: not valid JSON"):
+        ev.main(base + ["--baseline", str(tmp_path / "bad.json")])
+    (tmp_path / "other.json").write_text('{"numbers": []}')
+    with pytest.raises(ValueError, match=r"--baseline .*other.json: not an eval.py --json result"):
+        ev.main(base + ["--baseline", str(tmp_path / "other.json")])
 
 
 def test_end_to_end_transformers_checkpoint(synth_suite, tmp_path, capsys):

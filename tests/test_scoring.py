@@ -146,6 +146,9 @@ def test_cl_score_is_the_yes_logit_and_checkpoints_can_ask_for_it(ckpt, data, tm
     (marked / "minigmr_reranker.json").write_text(json.dumps({"score": "logit"}))
     with pytest.raises(ValueError, match="minigmr_reranker.json: 'score' must be 'sft' or 'cl'"):
         Reranker.from_pretrained(str(marked))
+    (marked / "minigmr_reranker.json").write_text('{"score": "cl"')  # truncated file
+    with pytest.raises(ValueError, match="minigmr_reranker.json: not valid JSON"):
+        Reranker.from_pretrained(str(marked))
     with pytest.raises(ValueError, match="score must be 'sft'"):
         Reranker(cl.model, cl.processor, score="z")
 
@@ -162,8 +165,9 @@ def test_group_logits_equals_plain_and_has_gradients(model_proc, data):
     torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=0)
     full = [proc.apply_chat([gmr_messages(i, q, d)])["input_ids"].shape[1] for i, q, ds in groups for d in ds]
     assert lengths == full  # the lengths of the whole prompts, group-major
-    with pytest.raises(ValueError, match=f"group 1 document 0: prompt has {full[4]} tokens > max_length="):
+    with pytest.raises(ValueError, match=f"group 1 document 0: prompt has {full[4]} tokens > max_length=") as err:
         group_logits(model, proc, groups, max_length=max(full[:4]))  # group 1 (images) has the longest prompts
+    assert (err.value.group, err.value.document, err.value.length) == (1, 0, full[4])
     out[:, 0].sum().backward()
     assert model.vision.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # images of queries and documents
     assert model.text.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
