@@ -29,9 +29,10 @@ per distinct image -> last position h (G*(1+N), D) -> [z_yes, z_no] = h @ [M_yes
 
 What DPO means here (losses.dpo_loss): for every (query, document) the chosen answer is "yes" for the positive and
 "no" for a negative, the rejected one the other; the reference policy is the model at the start of training
-(with LoRA only: the same weights with the adapters switched off). Started from the random-init tiny model the
-reference says ~50/50 to everything, so DPO is SFT with a weight beta * (1 - sigmoid(beta * margin)) that fades
-once the model has moved ~1/beta logits away from the reference (losses.dpo_weight_direction).
+(with LoRA only: the same weights with the adapters switched off). Started from the tiny demo checkpoint (caption-
+pretrained, never asked yes/no) the reference's yes/no odds say nothing about relevance, so DPO is SFT with a weight
+beta * (1 - sigmoid(beta * margin)) that fades once the model has moved ~1/beta logits away from the reference
+(losses.dpo_weight_direction).
 
 Outputs in --out (layout in minigmr/trainer.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
@@ -67,9 +68,10 @@ from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
 
 DEMO_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
-# Per-objective peak lr for the random-init tiny demo. Measured on the synthetic world's nine-task mix (8 groups of
-# 1+2 per step, 10 minutes): 5e-4 leaves the initial plateau (constant p(yes)) after ~5,000 groups, 1e-3 is still
-# on it after 9,500, 3e-4 is no faster. (With transformers' 0.02 init, 3e-3 never left it in 12,000 groups of T->T.)
+# Per-objective peak lr for the tiny demo. Chosen when the demo checkpoint was still random-init, on the synthetic
+# world's nine-task mix (8 groups of 1+2 per step, 10 minutes): 5e-4 left the initial plateau (constant p(yes)) after
+# ~5,000 groups, 1e-3 was still on it after 9,500, 3e-4 no faster. Kept for the caption-pretrained checkpoint
+# (README: +0.14 nDCG@10 in 2,000 steps), not re-tuned for it.
 DEFAULT_LR = {"sft": 5e-4, "infonce": 5e-4, "dpo": 5e-4, "url": 5e-4}
 # What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
 TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
@@ -78,8 +80,8 @@ TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision":
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 a = p.add_argument
 a("--model", default=None, help="Qwen2.5-VL checkpoint folder (config.json + safetensors + tokenizer.json + "
-  "preprocessor_config.json). Default: the tiny random-init checkpoint of the synthetic world in data/synth "
-  "(generated if absent)")
+  "preprocessor_config.json). Default: the tiny caption-pretrained checkpoint of the synthetic world in "
+  "data/synth (generated if absent: ~3 minutes on a 2-core CPU, most of it the pretraining)")
 a("--data", default=None, help="training JSONL (minigmr/data.py format (b)). Default: the synthetic world's")
 a("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
   help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the group's yes logits; "
@@ -95,8 +97,8 @@ a("--beta", type=float, default=0.1, help="DPO beta (Rafailov et al. and PIVOT: 
 a("--label-smoothing", type=float, default=0.0, help="DPO conservative label smoothing eps in [0, 0.5]")
 a("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: LoRA adapters only (the paper); "
   "lora+projector: + the patch merger; lora+vision: + the whole vision tower (as PIVOT trains it); full: every "
-  "weight, no LoRA. Default: full for the built-in random-init demo model (there is nothing pretrained for a "
-  "low-rank update to adapt), lora when --model is given")
+  "weight, no LoRA. Default: full for the built-in tiny demo model (1.0M weights that must learn the task in "
+  "minutes on a CPU), lora when --model is given")
 a("--lora-rank", type=int, default=16, help="LoRA rank r (the paper: 16)")
 a("--lora-alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r (paper: not reported)")
 a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: runs are deterministic)")
@@ -114,8 +116,8 @@ a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr schedule after warm-up "
   "(cosine and linear decay to 0 at the last step)")
 a("--warmup-steps", type=int, default=None, help="linear warm-up steps. Default: 5%% of the steps")
-a("--steps", type=int, default=None, help="optimizer steps (default 2500 unless --epochs is given: the tiny "
-  "demo's 6-8 minutes on a 2-core CPU)")
+a("--steps", type=int, default=None, help="optimizer steps (default 2000 unless --epochs is given: the tiny "
+  "demo's ~5 minutes on a 2-core CPU, ~7 for dpo)")
 a("--epochs", type=float, default=None, help="train for this many passes over the records instead of --steps")
 a("--micro-batch", type=int, default=4, help="groups per forward pass per process (a group = 1+N prompts)")
 a("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; global batch = "
@@ -196,7 +198,7 @@ if args.steps is not None and args.epochs is not None:
     p.error("give --steps or --epochs, not both")
 if args.epochs is not None:
     args.steps = math.ceil(args.epochs * len(records) / args.global_batch)
-args.steps = 2500 if args.steps is None else args.steps
+args.steps = 2000 if args.steps is None else args.steps
 args.warmup_steps = round(0.05 * args.steps) if args.warmup_steps is None else args.warmup_steps
 for name in ("steps", "micro_batch", "grad_accum", "save_every", "log_every", "max_length"):
     if getattr(args, name) < 1:

@@ -17,7 +17,7 @@ from minigmr.data import load_suite, load_training_data
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, smart_resize
 
-SMALL = dict(n_eval_queries=8, n_candidates=20, n_train=120)
+SMALL = dict(n_eval_queries=8, n_candidates=20, n_train=120, pretrain_steps=3)  # pretraining: tests/test_pretrain.py
 
 
 def file_hashes(root):
@@ -172,6 +172,12 @@ def test_tiny_checkpoint_loads_in_transformers(world):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ours = Qwen25VL.from_pretrained(world["checkpoint"])
     torch.testing.assert_close(hf.get_input_embeddings().weight, ours.text.embed_tokens.weight, rtol=0, atol=0)
+    assert json.load(open(os.path.join(world["root"], "world.json")))["pretraining"]["steps"] == 3
+
+
+def test_tiny_checkpoint_init(tmp_path):
+    synth.write_tiny_checkpoint(str(tmp_path), pretrain_steps=0)
+    ours = Qwen25VL.from_pretrained(str(tmp_path))
     for w in (ours.text.embed_tokens.weight, ours.text.layers[0].mlp.down_proj.weight, ours.vision.merger.fc2.weight):
         assert abs(w.std().item() / synth.INIT_STD - 1) < 0.05  # every matrix re-initialised at INIT_STD
 
@@ -179,7 +185,8 @@ def test_tiny_checkpoint_loads_in_transformers(world):
 def test_ensure_world_and_cli(world, tmp_path):
     out = str(tmp_path / "w")
     synth.main(["--out", out, "--seed", "0", "--eval-queries", str(SMALL["n_eval_queries"]),
-                "--candidates", str(SMALL["n_candidates"]), "--train", str(SMALL["n_train"])])
+                "--candidates", str(SMALL["n_candidates"]), "--train", str(SMALL["n_train"]),
+                "--pretrain-steps", str(SMALL["pretrain_steps"])])
     assert file_hashes(out) == file_hashes(world["root"])  # the CLI writes exactly what generate_world writes
     assert [p for p in os.listdir(tmp_path) if "tmp" in p] == []  # the temporary folder was renamed away
     mtime = os.path.getmtime(os.path.join(out, "world.json"))
@@ -191,7 +198,8 @@ def test_ensure_world_and_cli(world, tmp_path):
     assert manifest["version"] == synth.WORLD_VERSION
     with open(os.path.join(out, "world.json"), "w") as f:  # a world written by an older minigmr is not reused
         json.dump({**manifest, "version": synth.WORLD_VERSION - 1}, f)
-    with pytest.raises(ValueError, match=r"'version': \(1, 2\).*delete the folder"):
+    old, new = synth.WORLD_VERSION - 1, synth.WORLD_VERSION
+    with pytest.raises(ValueError, match=rf"'version': \({old}, {new}\).*delete the folder"):
         synth.ensure_world(out, seed=0, **SMALL)
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -34,7 +34,8 @@ LOGGED = ("loss", "sft_loss", "w_pos", "w_neg", "lr", "grad_norm")  # the determ
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return generate_world(str(tmp_path_factory.mktemp("world")), n_eval_queries=2, n_candidates=10, n_train=24)
+    return generate_world(str(tmp_path_factory.mktemp("world")), n_eval_queries=2, n_candidates=10, n_train=24,
+                          pretrain_steps=0)  # the machinery, not the learning: random init is enough
 
 
 def train(world, out, *extra, nproc=1, check=True):
