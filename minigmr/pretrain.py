@@ -15,10 +15,11 @@ pretraining conversations are Qwen-chat turns (default system prompt, user = one
 
 with the next-token loss on the assistant's answer only (as instruction tuning does). The default is scenes only:
 with a quarter of pages (OCR-like) the scene words came out as well learned, but the SFT demo on top reached 0.24
-nDCG@10 instead of 0.31 (one run each; T->VD, the page task, no better), so `p_page` is an option, off. The model
-never sees the reranking prompt, an instruction, a query/document pair or the words "yes"/"no" as answers, so the untrained
-checkpoint is still an untrained *reranker* (eval.py on it scores about a random order), and whatever it gains in
-train.py is learned there.
+nDCG@10 instead of 0.31 (one run each; T->VD, the page task, no better), so `p_page` is an option, off.
+
+The model never sees the reranking prompt, an instruction, a query/document pair or the words "yes"/"no" as
+answers, so the untrained checkpoint is still an untrained *reranker* (eval.py on it scores about a random order),
+and whatever it gains in train.py is learned there.
 
 Everything is a pure function of the seed: pictures from str-seeded random.Random streams, batches in a fixed
 order, AdamW from the same init; on one machine with one thread count the weights are bit-identical.
