@@ -72,14 +72,15 @@ def caption_batch(processor: Processor, examples):
 
 def answer_logits(model: Qwen25VL, batch, labels) -> torch.Tensor:
     """fp32 logits (n, V) at the answer positions only (labels != -100): the full (B, S, V) is never built."""
-    h, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                               batch["image_grid_thw"])  # (B, S, D)
-    keep = labels != -100  # (B, S-1)
+    dev = model.head_weight.device
+    h, _ = model.hidden_states(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                               batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev))  # (B, S, D)
+    keep = (labels != -100).to(dev)  # (B, S-1)
     return (h[:, :-1][keep] @ model.head_weight.T).float()  # (n, V)
 
 
 def caption_loss(model: Qwen25VL, batch, labels) -> torch.Tensor:
-    return F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100])
+    return F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def caption_accuracy(model: Qwen25VL, processor: Processor, seed: int = 0, n: in
     model.eval()
     batch, labels = caption_batch(processor, examples)
     pred = answer_logits(model, batch, labels).argmax(-1)  # (n_answer_tokens,) in row-major (b, t) order
-    right = (pred == labels[labels != -100]).split((labels != -100).sum(1).tolist())  # per example
+    right = (pred.cpu() == labels[labels != -100]).split((labels != -100).sum(1).tolist())  # per example
     model.train(was_training)
     return {attr: round(sum(bool(r[list(idx)].all()) for r in right) / n, 3)
             for attr, idx in ATTRIBUTE_TOKENS.items()}
@@ -101,7 +102,8 @@ def caption_accuracy(model: Qwen25VL, processor: Processor, seed: int = 0, n: in
 def pretrain(model: Qwen25VL, processor: Processor, steps: int, seed: int = 0, batch_size: int = 16,
              lr: float = 1e-3, warmup: int = 50, p_page: float = 0.0, progress: bool = True) -> list:
     """Caption-pretrain every weight of `model` in place for `steps` AdamW steps (linear warmup, cosine to 0,
-    gradient clipping at 1.0); returns the per-step losses. fp32, whatever device the model is on."""
+    gradient clipping at 1.0); returns the per-step losses. In the model's dtype on the model's device (synth: fp32,
+    CPU)."""
     rng = random.Random(f"{seed}/pretrain")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()

@@ -93,7 +93,7 @@ RETRIEVER_NOISE = 0.6
 INIT_STD = 0.07
 # Caption-pretraining steps of the tiny checkpoint (pretrain.py; batches of 16, ~2.5 minutes on 2 CPU cores).
 # Measured after 2,000 steps (world.json "pretraining", held-out pictures): colour word right 100% of the time,
-# count 56%, position 41%, shape 33% (shapes are ~10 px wide). Enough: the SFT demo on top of it gains +0.14 nDCG@10.
+# count 56%, position 41%, shape 33% (shapes are ~10 px wide). Enough for the demo: +0.08 to +0.14 nDCG@10 (README).
 PRETRAIN_STEPS = 2000
 # Bumped whenever generation changes, so that an old world on disk is not silently reused (ensure_world).
 WORLD_VERSION = 3
