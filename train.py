@@ -71,8 +71,8 @@ from minigmr.synth import ensure_world
 DEMO_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 # Per-objective peak lr for the tiny demo. Chosen when the demo checkpoint was still random-init, on the synthetic
 # world's nine-task mix (8 groups of 1+2 per step, 10 minutes): 5e-4 left the initial plateau (constant p(yes)) after
-# ~5,000 groups, 1e-3 was still on it after 9,500, 3e-4 no faster. Kept for the caption-pretrained checkpoint
-# (README: +0.14 nDCG@10 in 2,000 steps), not re-tuned for it.
+# ~5,000 groups, 1e-3 was still on it after 9,500, 3e-4 no faster. Checked again on the caption-pretrained
+# checkpoint (sft, 2,000 steps, nDCG@10 from 0.175): 1e-3 -> 0.185, 2.5e-4 -> 0.262, 5e-4 -> 0.282 / 0.312.
 DEFAULT_LR = {"sft": 5e-4, "infonce": 5e-4, "dpo": 5e-4, "url": 5e-4}
 # Per-objective default steps (when neither --steps nor --epochs is given): the tiny demo within 10 minutes on a fresh
 # 2-core CPU, world generation (~2 min 50 s) included. Measured here: sft / infonce 2,000 steps in 5.5 minutes;
