@@ -104,6 +104,8 @@ def pretrain(model: Qwen25VL, processor: Processor, steps: int, seed: int = 0, b
     """Caption-pretrain every weight of `model` in place for `steps` AdamW steps (linear warmup, cosine to 0,
     gradient clipping at 1.0); returns the per-step losses. In the model's dtype on the model's device (synth: fp32,
     CPU)."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"caption pretraining needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
     rng = random.Random(f"{seed}/pretrain")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()

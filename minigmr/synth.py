@@ -452,6 +452,8 @@ def main(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
                    help="caption-pretraining steps of the tiny checkpoint (0: leave it random-init)")
     a = p.parse_args(argv)
+    if a.pretrain_steps < 0:
+        p.error(f"--pretrain-steps must be >= 0, got {a.pretrain_steps}")
     paths = ensure_world(a.out, a.seed, n_eval_queries=a.eval_queries, n_candidates=a.candidates, n_train=a.train,
                          pretrain_steps=a.pretrain_steps)
     print(json.dumps(paths, indent=2))

@@ -50,3 +50,12 @@ def test_pretraining_grounds_the_tiny_model(random_init):
     # measured here: colour 0.77 after these 300 steps (chance 0.17); count, shape and position need ~2,000
     assert after["colour"] >= 0.5, after
     assert not model.training  # pretrain leaves the model in eval mode
+
+
+def test_bad_settings_are_errors(random_init, tmp_path):
+    model, proc = Qwen25VL.from_pretrained(random_init), Processor.from_pretrained(random_init)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        pretrain.pretrain(model, proc, steps=-5, progress=False)
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path / "w"), "--pretrain-steps", "-1"])
+    assert not (tmp_path / "w").exists()
