@@ -2,10 +2,9 @@
 
 GMR starts from Qwen2.5-VL-Instruct, a model that already *sees*: its pretraining tied image patches to words long
 before anyone asked it "yes" or "no". A random-init checkpoint has no such grounding, and one yes/no bit per
-document is a poor teacher of it: on the synthetic world, ten minutes of SFT from random init learned the text
-tasks but not to bind "two" / "red" / "on the left" to pixels (README, Training). Captioning teaches exactly that,
-several supervised words per picture: measured here, 500 steps of it predict the colour word of a held-out picture
-every time; count and position come later and less reliably (world.json "pretraining" records where they are).
+document is a poor teacher of it: SFT from random init learns the synthetic world's text tasks but not to bind
+"two" / "red" / "on the left" to pixels. Captioning teaches exactly that, several supervised words per picture
+(world.json "pretraining" records how well each attribute is learned; docs/experiments.md has the measurements).
 
 So the synthetic world ships its checkpoint the way the real world does: pretrained, never trained to rerank. The
 pretraining conversations are Qwen-chat turns (default system prompt, user = one picture, assistant = its text):
@@ -13,9 +12,8 @@ pretraining conversations are Qwen-chat turns (default system prompt, user = one
     scene picture -> its description            "two red circles on the left and one blue star on the right"
     page screenshot -> the passage printed on it "note 12. the picture shows two red circles on the left."
 
-with the next-token loss on the assistant's answer only (as instruction tuning does). The default is scenes only:
-with a quarter of pages (OCR-like) the scene words came out as well learned, but the SFT demo on top reached 0.24
-nDCG@10 instead of 0.31 (one run each; T->VD, the page task, no better), so `p_page` is an option, off.
+with the next-token loss on the assistant's answer only (as instruction tuning does). The default is scenes only
+(`p_page` = 0): pages learned the scene words as well but did not help the reranker trained on top.
 
 The model never sees the reranking prompt, an instruction, a query/document pair or the words "yes"/"no" as
 answers, so the untrained checkpoint is still an untrained *reranker* (eval.py on it scores about a random order),
@@ -31,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import synth
 from .model import Qwen25VL
 from .processor import Processor
+from .scenes import ALL_GROUPS, OPPOSITE, TEMPLATES, VALUES, Group, describe, draw_page, draw_scene, fields
 
 # Attribute -> which answer tokens of a one-group description name it ("two red circles on the left": every word
 # of the world is one token, so these are token indices in the answer).
@@ -43,15 +41,15 @@ ATTRIBUTE_TOKENS = {"count": (0,), "colour": (1,), "shape": (2,), "position": (3
 def caption_example(rng: random.Random, p_page: float = 0.0, p_two: float = 0.3):
     """(picture, answer text, groups): a scene with one group (or two on opposite sides) described, or the same
     as a page screenshot with one of the world's passage templates printed on it."""
-    g = rng.choice(synth.ALL_GROUPS)
+    g = rng.choice(ALL_GROUPS)
     groups = [g]
-    if g.position in synth.OPPOSITE and rng.random() < p_two:
-        groups.append(synth.Group(rng.choice(synth.VALUES["count"]), rng.choice(synth.VALUES["colour"]),
-                                  rng.choice(synth.VALUES["shape"]), synth.OPPOSITE[g.position]))
+    if g.position in OPPOSITE and rng.random() < p_two:
+        groups.append(Group(rng.choice(VALUES["count"]), rng.choice(VALUES["colour"]), rng.choice(VALUES["shape"]),
+                            OPPOSITE[g.position]))
     if rng.random() < p_page:
-        text = rng.choice(synth.TEMPLATES["passage"]).format(**synth.fields(groups, rng.randint(1, 99)))
-        return synth.draw_page(text, rng), text, groups
-    return synth.draw_scene(groups, rng), synth.describe(groups), groups
+        text = rng.choice(TEMPLATES["passage"]).format(**fields(groups, rng.randint(1, 99)))
+        return draw_page(text, rng), text, groups
+    return draw_scene(groups, rng), describe(groups), groups
 
 
 def caption_batch(processor: Processor, examples):
