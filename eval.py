@@ -1,6 +1,6 @@
-"""Evaluate a minigmr reranker the way MRB does (arXiv 2510.14824; docs/gmr.md §4): rerank every query's first-stage candidates and
-report, per dataset, the first-stage numbers, the reranked numbers and the first-stage recall ceiling, then macro
-averages per task type, per group (single-modal, cross-modal, fused-modal) and overall.
+"""Evaluate a minigmr reranker the way MRB does (arXiv 2510.14824; docs/gmr.md §4): rerank every query's
+first-stage candidates and report, per dataset, the first-stage numbers, the reranked numbers and the first-stage
+recall ceiling, then macro averages per task type, per group (single-, cross-, fused-modal) and overall.
 
     python eval.py --suite synth                       # the synthetic world (generated on first use), tiny model
     python eval.py --suite mrb --data-dir mrb/ --model ckpt/ --adapter runs/lora/ --json out/mrb.json
@@ -10,8 +10,8 @@ A suite is a folder of datasets in minigmr's format (minigmr/data.py); docs/mrb.
 What is compared, per dataset:
   first stage  run.trec as it is (MRB: GME-2B's top 100).
   reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's score (`--score`);
-               candidates below the depth keep their first-stage order under all of them. Both runs hold exactly the same
-               documents, so they differ only in the order of the top k.
+               candidates below the depth keep their first-stage order under all of them. Both runs hold exactly
+               the same documents, so they differ only in the order of the top k.
   ceiling      first-stage recall@top-k: the share of the relevant documents that are among the candidates the
                reranker sees. No reranker can recall more; a low ceiling is the first stage's fault.
   Every number is minigmr.metrics (trec_eval conventions, ties by doc id). Each dataset's `main_metric` is

@@ -24,8 +24,6 @@ An item (a query or a document) is text, one image, or both (MRB has at most one
     shows the first stage's ceiling). A query without candidates in run.trec gets an empty candidate list.
   - The candidate order is trec_eval's (score descending, ties by doc id descending); the rank column is
     not read. What a suite reranks is exactly the run's candidates (MRB: GME-2B's top 100).
-  - load_dataset(path, on_error="skip") drops, instead of raising, items whose image file is missing and
-    run candidates absent from the corpus, and lists each drop in dataset.skipped.
   A suite is a folder whose sub-folders (hidden ones aside) are all such datasets.
 
 (b) Training data is one JSONL file, one record per line:
@@ -321,6 +319,13 @@ def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction:
 def load_training_data(path: str | os.PathLike, check_images: bool = True) -> list[TrainRecord]:
     """Load and validate a training JSONL file (format (b)) -> [TrainRecord]."""
     base = os.path.dirname(os.path.abspath(path))
+
+    def doc(obj: Any, item_id: str, where: str) -> Item:
+        item = _item(obj, item_id, where, base)
+        if check_images and _missing_image(item):
+            raise ValueError(f"{where}: image not found: {item.image}")
+        return item
+
     records, seen = [], set()
     for n, obj in read_jsonl(path):
         rid = _record_id(obj, f"{path}:{n}")
@@ -334,25 +339,20 @@ def load_training_data(path: str | os.PathLike, check_images: bool = True) -> li
             raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
         if not isinstance(obj["instruction"], str):
             raise ValueError(f"{where}: 'instruction' must be a string")
-        parsed = {"query": [(f"{where}: query", _item(obj["query"], rid, f"{where}: query", base))]}
+        query = doc(obj["query"], rid, f"{where}: query")
+        docs = {}
         for key in ("positives", "negatives", "hard_negatives"):
-            docs = obj.get(key, [])
-            if not isinstance(docs, list):
+            if not isinstance(obj.get(key, []), list):
                 raise ValueError(f"{where}: '{key}' must be a list of docs")
-            parsed[key] = [(f"{where}: {key}[{i}]", _item(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]", base))
-                           for i, d in enumerate(docs)]
-        if not parsed["positives"]:
+            docs[key] = [doc(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]") for i, d in enumerate(obj.get(key, []))]
+        if not docs["positives"]:
             raise ValueError(f"{where}: 'positives' is empty; a record needs at least one positive")
-        positive_keys = {_key(item) for _, item in parsed["positives"]}
-        for label, item in parsed["negatives"] + parsed["hard_negatives"]:
-            if _key(item) in positive_keys:
-                raise ValueError(f"{label}: this doc is also one of the record's positives")
-        for label, item in (p for items in parsed.values() for p in items):
-            if check_images and _missing_image(item):
-                raise ValueError(f"{label}: image not found: {item.image}")
-        items = {key: [item for _, item in labelled] for key, labelled in parsed.items()}
-        records.append(TrainRecord(rid, obj["instruction"], items["query"][0], items["positives"],
-                                   items["negatives"], items["hard_negatives"]))
+        positive_keys = {_key(d) for d in docs["positives"]}
+        for key in ("negatives", "hard_negatives"):
+            for i, d in enumerate(docs[key]):
+                if _key(d) in positive_keys:
+                    raise ValueError(f"{where}: {key}[{i}]: this doc is also one of the record's positives")
+        records.append(TrainRecord(rid, obj["instruction"], query, **docs))
     if not records:
         raise ValueError(f"{path}: no records")
     return records

@@ -1,26 +1,19 @@
 """Caption pretraining: how the synthetic world's tiny checkpoint becomes a (tiny) vision-language model.
 
 GMR starts from Qwen2.5-VL-Instruct, a model that already *sees*: its pretraining tied image patches to words long
-before anyone asked it "yes" or "no". A random-init checkpoint has no such grounding, and one yes/no bit per
-document is a poor teacher of it: SFT from random init learns the synthetic world's text tasks but not to bind
-"two" / "red" / "on the left" to pixels. Captioning teaches exactly that, several supervised words per picture
-(world.json "pretraining" records how well each attribute is learned; docs/experiments.md has the measurements).
-
-So the synthetic world ships its checkpoint the way the real world does: pretrained, never trained to rerank. The
-pretraining conversations are Qwen-chat turns (default system prompt, user = one picture, assistant = its text):
+before anyone asked it "yes" or "no". One yes/no bit per document is a poor teacher of that grounding (SFT from
+random init learns the world's text tasks but not to bind "two" / "red" / "on the left" to pixels); captioning
+gives several supervised words per picture. Each example is one Qwen-chat exchange (default system prompt, user =
+one picture, assistant = its text) with the next-token loss on the answer only, as in instruction tuning:
 
     scene picture -> its description            "two red circles on the left and one blue star on the right"
     page screenshot -> the passage printed on it "note 12. the picture shows two red circles on the left."
 
-with the next-token loss on the assistant's answer only (as instruction tuning does). The default is scenes only
-(`p_page` = 0): pages learned the scene words as well but did not help the reranker trained on top.
-
-The model never sees the reranking prompt, an instruction, a query/document pair or the words "yes"/"no" as
-answers, so the untrained checkpoint is still an untrained *reranker* (eval.py on it scores about a random order),
-and whatever it gains in train.py is learned there.
-
-Everything is a pure function of the seed: pictures from str-seeded random.Random streams, batches in a fixed
-order, AdamW from the same init; on one machine with one thread count the weights are bit-identical.
+Pages (`p_page`) are off by default: they did not help the reranker trained on top (docs/experiments.md). The model
+never sees the reranking prompt, a query/document pair or "yes"/"no" as answers, so the checkpoint is still an
+untrained *reranker* (world.json "pretraining" records what it did learn) and whatever it gains in train.py is
+learned there. Everything is a pure function of the seed (str-seeded pictures, batches in a fixed order, AdamW from
+the same init); on one machine with one thread count the weights are bit-identical.
 """
 import math
 import random
@@ -77,10 +70,6 @@ def answer_logits(model: Qwen25VL, batch, labels) -> torch.Tensor:
     return (h[:, :-1][keep] @ model.head_weight.T).float()  # (n, V)
 
 
-def caption_loss(model: Qwen25VL, batch, labels) -> torch.Tensor:
-    return F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
-
-
 @torch.no_grad()
 def caption_accuracy(model: Qwen25VL, processor: Processor, seed: int = 0, n: int = 96) -> dict:
     """Teacher-forced accuracy of the greedy next token on held-out one-group scene descriptions, per attribute
@@ -112,7 +101,7 @@ def pretrain(model: Qwen25VL, processor: Processor, steps: int, seed: int = 0, b
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch, labels = caption_batch(processor, [caption_example(rng, p_page) for _ in range(batch_size)])
-        loss = caption_loss(model, batch, labels)
+        loss = F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"caption pretraining: non-finite loss {loss.item()} at step {step}")
         loss.backward()

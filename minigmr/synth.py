@@ -1,21 +1,18 @@
 """A seeded, procedural synthetic world, so that minigmr trains and evaluates on a fresh machine with no download.
 
+    python -m minigmr.synth --out data/synth --seed 0
+
 From the scenes of scenes.py (groups of coloured shapes, drawn, described in words and printed on pages) we build:
-  (a) an evaluation suite with one dataset per MRB task type (docs/gmr.md §4): T->T, I->I, T->I, T->VD, I->T
-      (single-/cross-modal) and T->IT, IT->T, IT->I, IT->IT (fused-modal), each with a first-stage run that looks
-      like a real retriever's (weighted attribute overlap + noise, so the positive is usually but not always near
-      the top, and sometimes missing);
+  (a) an evaluation suite, one dataset per MRB task type (docs/gmr.md §4), each with a first-stage run that looks
+      like a real retriever's (weighted attribute overlap + noise: the positive usually, not always, near the top);
   (b) training data (JSONL: query, positives, negatives, hard_negatives) from a disjoint sample of the same world;
   (c) a tiny Qwen2.5-VL checkpoint in the official layout, with a BPE tokenizer trained on the world, random-init
-      and then caption-pretrained on the world's pictures (pretrain.py: the analogue of Qwen2.5-VL's own
-      pretraining; it never sees the reranking prompt or a yes/no answer).
+      and then caption-pretrained on the world's pictures (pretrain.py; it never sees a yes/no answer).
 Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
 queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
 Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
 independently of PYTHONHASHSEED), so the same seed gives byte-identical files (the pretrained weights: on the same
 machine and thread count, since float summation order is the CPU kernels' business).
-
-    python -m minigmr.synth --out data/synth --seed 0
 """
 import argparse
 import hashlib

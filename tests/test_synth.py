@@ -1,4 +1,5 @@
-"""minigmr.synth (and the scenes of minigmr.scenes): determinism, the suite's structure and modalities, hard negatives, training data, tiny checkpoint.
+"""minigmr.synth and minigmr.scenes: determinism, the suite's structure and modalities, hard negatives, training
+data, tiny checkpoint.
 
 The checkpoint's layout is checked against transformers (the oracle): it must load there with no missing or
 unexpected keys. Worlds are generated small here (8 queries per dataset, 120 training records) to stay fast."""
