@@ -1,6 +1,6 @@
-"""Evaluate a minigmr reranker the way MRB does (gmr.md §4): rerank every query's first-stage candidates and
-report, per dataset, the first-stage numbers, the reranked numbers and the first-stage recall ceiling, then macro
-averages per task type, per group (single-modal, cross-modal, fused-modal) and overall.
+"""Evaluate a minigmr reranker the way MRB does (arXiv 2510.14824; docs/gmr.md §4): rerank every query's
+first-stage candidates and report, per dataset, the first-stage numbers, the reranked numbers and the first-stage
+recall ceiling, then macro averages per task type, per group (single-, cross-, fused-modal) and overall.
 
     python eval.py --suite synth                       # the synthetic world (generated on first use), tiny model
     python eval.py --suite mrb --data-dir mrb/ --model ckpt/ --adapter runs/lora/ --json out/mrb.json
@@ -9,9 +9,9 @@ A suite is a folder of datasets in minigmr's format (minigmr/data.py); docs/mrb.
 
 What is compared, per dataset:
   first stage  run.trec as it is (MRB: GME-2B's top 100).
-  reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's p(yes); candidates
-               below the depth keep their first-stage order under all of them. Both runs hold exactly the same
-               documents, so they differ only in the order of the top k.
+  reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's score (`--score`);
+               candidates below the depth keep their first-stage order under all of them. Both runs hold exactly
+               the same documents, so they differ only in the order of the top k.
   ceiling      first-stage recall@top-k: the share of the relevant documents that are among the candidates the
                reranker sees. No reranker can recall more; a low ceiling is the first stage's fault.
   Every number is minigmr.metrics (trec_eval conventions, ties by doc id). Each dataset's `main_metric` is
@@ -36,12 +36,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from minigmr.data import TASK_GROUP, TASK_TYPES, load_dataset, load_suite
+from minigmr.data import TASK_GROUP, TASK_TYPES, load_suite, read_json, read_jsonl, write_json
 from minigmr.metrics import DEFAULT_METRICS, evaluate, parse_metric
+from minigmr.scoring import Reranker, default_device_dtype
+from minigmr.synth import ensure_world
 
 DEFAULT_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 GROUPS = ("single-modal", "cross-modal", "fused-modal")
-MRB_KNOWN_COUNTS = {"T->T": 14, "T->VD": 5, "IT->IT": 3}  # the per-task counts that were found (gmr.md §4)
+MRB_KNOWN_COUNTS = {"T->T": 14, "T->VD": 5, "IT->IT": 3}  # the per-task counts that were found (docs/gmr.md §4)
 MRB_SIZE = 40
 
 
@@ -79,23 +81,14 @@ def read_cache(path):
     interrupted write: it is cut off the file (so the next append starts on a fresh line) and re-scored."""
     if not os.path.exists(path):
         return {}
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
+    with open(path, "r+b") as f:
+        end = f.read().rfind(b"\n") + 1
+        if end < f.tell():
             f.truncate(end)
-    records = {}
-    for n, line in enumerate(data[:end].split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: malformed cache line ({e.msg}); delete the file to re-score") from None
-        if "qid" in record:  # the first line is a header with the key, for people reading the cache folder
-            records[record["qid"]] = record
-    return records
+    try:  # the first line is a header with the key (no "qid"), for people reading the cache folder
+        return {record["qid"]: record for _, record in read_jsonl(path) if "qid" in record}
+    except ValueError as e:
+        raise ValueError(f"{e}; delete the file to re-score") from None
 
 
 # ---------------------------------------------------------------------------------------------------- reranking
@@ -112,7 +105,7 @@ def unreadable(item):
 
 
 def score_query(reranker, ds, qid, cands, batch_size, on_error):
-    """-> (scores {docid: p(yes)} or None when the query itself is dropped, dropped docids, skip messages).
+    """-> (scores {docid: score} or None when the query itself is dropped, dropped docids, skip messages).
 
     Images are only opened when the reranker fails, to name the item at fault: in "skip" mode an unreadable
     candidate is dropped and the rest re-scored, an unreadable query drops the query; any other failure is raised.
@@ -301,7 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--baseline", metavar="JSON", help="the --json of an earlier run (e.g. the untrained model): "
                    "its reranked numbers are printed next to this run's in the task, group and overall tables")
     p.add_argument("--score", choices=("sft", "cl"), help="sft: p(yes), the softmax over the yes/no logits; cl: "
-                   "the yes logit, for InfoNCE-trained models (gmr.md §1.2). Default: what the checkpoint's "
+                   "the yes logit, for InfoNCE-trained models (docs/gmr.md §1.2). Default: what the checkpoint's "
                    "minigmr_reranker.json says (train.py writes it), else sft")
     args = p.parse_args(argv)
     if args.baseline and not os.path.isfile(args.baseline):
@@ -318,28 +311,6 @@ def parse_args(argv=None):
     return args
 
 
-def load_selected(data_dir, names, on_error):
-    """load_suite, or only the datasets named (by meta.json "name"): the others are not read, so an error in
-    one of them does not stop the evaluation of another."""
-    if not names:
-        return load_suite(data_dir, on_error=on_error)
-    if not os.path.isdir(data_dir):
-        raise ValueError(f"{data_dir}: suite folder not found")
-    folders = {}
-    for d in sorted(os.listdir(data_dir)):
-        meta = os.path.join(data_dir, d, "meta.json")
-        if not d.startswith(".") and os.path.isfile(meta):
-            with open(meta, encoding="utf-8") as f:
-                try:
-                    folders.setdefault(json.load(f).get("name"), os.path.join(data_dir, d))
-                except (json.JSONDecodeError, AttributeError):
-                    raise ValueError(f"{meta}: malformed (see minigmr/data.py)") from None
-    unknown = sorted(set(names) - set(folders))
-    if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown} in {data_dir}; available: {', '.join(map(str, folders))}")
-    return [load_dataset(folders[n], on_error=on_error) for n in sorted(set(names))]
-
-
 def versions():
     out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
@@ -351,12 +322,10 @@ def versions():
 
 def read_baseline(path, top_k):
     """The results of an earlier `eval.py --json` run, for report()'s baseline column; clear errors otherwise."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            baseline = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--baseline {path}: not valid JSON ({err.msg}, line {err.lineno}); "
-                             "write it with eval.py --json") from None
+    try:
+        baseline = read_json(path, hint="; write it with eval.py --json")
+    except ValueError as e:
+        raise ValueError(f"--baseline {e}") from None
     if not isinstance(baseline, dict) or "overall" not in baseline:
         raise ValueError(f"--baseline {path}: not an eval.py --json result (no 'overall' numbers)")
     if baseline.get("config", {}).get("top_k") != top_k:
@@ -368,21 +337,19 @@ def read_baseline(path, top_k):
 def main(argv=None):
     args = parse_args(argv)
     if args.model is None or args.data_dir is None:  # synth defaults
-        from minigmr.synth import ensure_world
         world = ensure_world(DEFAULT_WORLD)
         args.model, args.data_dir = args.model or world["checkpoint"], args.data_dir or world["suite"]
     baseline = read_baseline(args.baseline, args.top_k) if args.baseline else None  # fail before scoring
-    datasets = load_selected(args.data_dir, args.datasets, args.on_error)
+    datasets = load_suite(args.data_dir, on_error=args.on_error, names=args.datasets)
     if args.suite == "mrb" and not args.datasets:
         counts = {t: sum(d.task == t for d in datasets) for t in TASK_TYPES}
         if len(datasets) != MRB_SIZE or any(counts[t] != n for t, n in MRB_KNOWN_COUNTS.items()):
             print(f"note: MRB has {MRB_SIZE} datasets (T->T 14, T->VD 5, IT->IT 3 known); this suite has "
                   f"{len(datasets)}: {counts}", file=sys.stderr)
 
-    from minigmr.scoring import Reranker, default_device_dtype
     device, dtype = default_device_dtype(args.device, getattr(torch, args.dtype) if args.dtype else None)
     reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device,
-                                        score=args.score)
+                                        score_type=args.score)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
                                                ".eval_cache")
     key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype),
@@ -404,9 +371,7 @@ def main(argv=None):
                          "batch_size": args.batch_size, "seconds": seconds, "versions": versions()}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_json(args.json, results)
     return results
 
 

@@ -24,8 +24,6 @@ An item (a query or a document) is text, one image, or both (MRB has at most one
     shows the first stage's ceiling). A query without candidates in run.trec gets an empty candidate list.
   - The candidate order is trec_eval's (score descending, ties by doc id descending); the rank column is
     not read. What a suite reranks is exactly the run's candidates (MRB: GME-2B's top 100).
-  - load_dataset(path, on_error="skip") drops, instead of raising, items whose image file is missing and
-    run candidates absent from the corpus, and lists each drop in dataset.skipped.
   A suite is a folder whose sub-folders (hidden ones aside) are all such datasets.
 
 (b) Training data is one JSONL file, one record per line:
@@ -45,12 +43,14 @@ Errors name the file, the line and the id. Missing images are checked by existen
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from minigmr.metrics import parse_metric, rank, read_qrels, read_run, write_qrels, write_run
+from .metrics import Qrels, Run, parse_metric, rank, read_qrels, read_run, write_qrels, write_run
 
 TASK_TYPES = ("T->T", "I->I", "T->I", "T->VD", "I->T", "T->IT", "IT->T", "IT->I", "IT->IT")
 TASK_GROUP = {"T->T": "single-modal", "I->I": "single-modal",
@@ -78,17 +78,17 @@ class Dataset:
     main_metric: str
     queries: dict[str, Item]
     corpus: dict[str, Item]
-    qrels: dict[str, dict[str, int]]
-    run: dict[str, dict[str, float]]  # first-stage scores, one entry (maybe empty) per query
+    qrels: Qrels
+    run: Run  # first-stage scores, one entry (maybe empty) per query
     root: str  # absolute path of the dataset folder
     source: str | None = None
     skipped: list[str] = field(default_factory=list)  # on_error="skip": one message per dropped item/candidate
 
     @property
-    def group(self):
+    def group(self) -> str:
         return TASK_GROUP[self.task]
 
-    def candidates(self, qid):
+    def candidates(self, qid: str) -> list[str]:
         """The query's first-stage candidates in trec_eval order."""
         return rank(self.run[qid])
 
@@ -103,8 +103,26 @@ class TrainRecord:
     hard_negatives: list[Item] = field(default_factory=list)
 
 
-def _read_jsonl(path):
-    """Yield (line number, object) for every non-blank line of a JSONL file."""
+# ---------------------------------------------------------------------------------------------------- JSON files
+def read_json(path: str | os.PathLike, hint: str = "") -> Any:
+    """The JSON value of a file; a missing or malformed file is a ValueError naming the path (then `hint`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not found{hint}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}){hint}") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for every non-blank line of a JSONL file; errors name the file and line."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -118,14 +136,15 @@ def _read_jsonl(path):
             yield n, obj
 
 
-def _record_id(obj, where):
+# ---------------------------------------------------------------------------------------------------- datasets
+def _record_id(obj: dict, where: str) -> str:
     rid = obj.get("id")
     if not isinstance(rid, str) or not rid:
         raise ValueError(f"{where}: missing or empty 'id' (a non-empty string), got {rid!r}")
     return rid
 
 
-def _item(obj, item_id, where, base, allowed=("text", "image")):
+def _item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str, ...] = ("text", "image")) -> Item:
     """Parse one item: a bare string (= text) or an object with "text" and/or "image" (relative to base)."""
     if isinstance(obj, str):
         obj = {"text": obj}
@@ -143,18 +162,12 @@ def _item(obj, item_id, where, base, allowed=("text", "image")):
     return Item(item_id, text or None, os.path.abspath(os.path.join(base, image)) if image else None)
 
 
-def _missing_image(item):
+def _missing_image(item: Item) -> bool:
     return item.image is not None and not os.path.isfile(item.image)
 
 
-def _read_meta(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: not found; a dataset folder needs meta.json (see minigmr/data.py)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+def _read_meta(path: str) -> dict:
+    meta = read_json(path, hint="; a dataset folder needs meta.json (see minigmr/data.py)")
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object")
     missing = [k for k in META_FIELDS if k not in meta]
@@ -173,7 +186,7 @@ def _read_meta(path):
     return meta
 
 
-def _first_lines(path, keys):
+def _first_lines(path: str, keys: list[tuple[str, ...]]) -> dict[tuple[str, ...], int]:
     """First line number of each key, (qid,) or (qid, docid), in a qrels/run file. Used on error paths only,
     since read_qrels/read_run return plain dicts."""
     keys, found = set(keys), {}
@@ -186,7 +199,7 @@ def _first_lines(path, keys):
     return found
 
 
-def load_dataset(path, check_images=True, on_error="raise"):
+def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: str = "raise") -> Dataset:
     """Load and validate one dataset folder (format (a)).
 
     on_error="skip" drops, instead of raising: items whose image is missing (a query takes its qrels and
@@ -208,7 +221,7 @@ def load_dataset(path, check_images=True, on_error="raise"):
     items, dropped = {"queries.jsonl": {}, "corpus.jsonl": {}}, {"queries.jsonl": set(), "corpus.jsonl": set()}
     for name in items:
         file = os.path.join(root, name)
-        for n, obj in _read_jsonl(file):
+        for n, obj in read_jsonl(file):
             item_id = _record_id(obj, f"{file}:{n}")
             where = f"{file}:{n}: id {item_id!r}"
             if item_id in items[name] or item_id in dropped[name]:
@@ -242,14 +255,26 @@ def load_dataset(path, check_images=True, on_error="raise"):
                    tables["qrels.tsv"], run, root, meta.get("source"), skipped)
 
 
-def load_suite(path, check_images=True, on_error="raise"):
-    """Load every dataset folder of a suite folder; returns the datasets sorted by name."""
+def load_suite(path: str | os.PathLike, check_images: bool = True, on_error: str = "raise",
+               names: list[str] | None = None) -> list[Dataset]:
+    """Load every dataset folder of a suite folder, or only those whose meta.json "name" is in `names` (the
+    others' files are not read further, so an error in one does not stop another); sorted by name."""
     if not os.path.isdir(path):
         raise ValueError(f"{path}: suite folder not found")
     folders = [os.path.join(path, d) for d in sorted(os.listdir(path))
                if not d.startswith(".") and os.path.isdir(os.path.join(path, d))]
     if not folders:
         raise ValueError(f"{path}: no dataset folders in this suite")
+    if names:
+        named = {}  # meta.json "name" -> folder, reading nothing else
+        for f in folders:
+            meta = read_json(os.path.join(f, "meta.json")) if os.path.isfile(os.path.join(f, "meta.json")) else {}
+            if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+                named.setdefault(meta["name"], f)
+        unknown = sorted(set(names) - set(named))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown} in {path}; available: {', '.join(named)}")
+        folders = [named[n] for n in set(names)]
     datasets = sorted((load_dataset(f, check_images, on_error) for f in folders), key=lambda d: d.name)
     for a, b in zip(datasets, datasets[1:]):
         if a.name == b.name:
@@ -257,8 +282,9 @@ def load_suite(path, check_images=True, on_error="raise"):
     return datasets
 
 
-def write_dataset(path, *, name, task, instruction, main_metric, queries, corpus, qrels, run, source=None,
-                  run_tag="first_stage"):
+def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction: str, main_metric: str,
+                  queries: list[Item] | dict[str, Item], corpus: list[Item] | dict[str, Item],
+                  qrels: Qrels, run: Run, source: str | None = None, run_tag: str = "first_stage") -> Dataset:
     """Write a dataset folder (format (a)) and load it back, which validates it; returns the Dataset.
 
     queries/corpus: Items (or {id: Item}); an image path is relative to `path` or absolute inside it, and the
@@ -269,7 +295,7 @@ def write_dataset(path, *, name, task, instruction, main_metric, queries, corpus
     meta = {"name": name, "task": task, "instruction": instruction, "main_metric": main_metric}
     if source is not None:
         meta["source"] = source
-    (root / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(root / "meta.json", meta)
     for file, items in (("queries.jsonl", queries), ("corpus.jsonl", corpus)):
         with open(root / file, "w", encoding="utf-8") as f:
             for item in items.values() if isinstance(items, dict) else items:
@@ -289,11 +315,19 @@ def write_dataset(path, *, name, task, instruction, main_metric, queries, corpus
     return load_dataset(root)
 
 
-def load_training_data(path, check_images=True):
+# ---------------------------------------------------------------------------------------------------- training data
+def load_training_data(path: str | os.PathLike, check_images: bool = True) -> list[TrainRecord]:
     """Load and validate a training JSONL file (format (b)) -> [TrainRecord]."""
     base = os.path.dirname(os.path.abspath(path))
+
+    def doc(obj: Any, item_id: str, where: str) -> Item:
+        item = _item(obj, item_id, where, base)
+        if check_images and _missing_image(item):
+            raise ValueError(f"{where}: image not found: {item.image}")
+        return item
+
     records, seen = [], set()
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         rid = _record_id(obj, f"{path}:{n}")
         where = f"{path}:{n}: id {rid!r}"
         if rid in seen:
@@ -305,36 +339,31 @@ def load_training_data(path, check_images=True):
             raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
         if not isinstance(obj["instruction"], str):
             raise ValueError(f"{where}: 'instruction' must be a string")
-        parsed = {"query": [(f"{where}: query", _item(obj["query"], rid, f"{where}: query", base))]}
+        query = doc(obj["query"], rid, f"{where}: query")
+        docs = {}
         for key in ("positives", "negatives", "hard_negatives"):
-            docs = obj.get(key, [])
-            if not isinstance(docs, list):
+            if not isinstance(obj.get(key, []), list):
                 raise ValueError(f"{where}: '{key}' must be a list of docs")
-            parsed[key] = [(f"{where}: {key}[{i}]", _item(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]", base))
-                           for i, d in enumerate(docs)]
-        if not parsed["positives"]:
+            docs[key] = [doc(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]") for i, d in enumerate(obj.get(key, []))]
+        if not docs["positives"]:
             raise ValueError(f"{where}: 'positives' is empty; a record needs at least one positive")
-        positive_keys = {_key(item) for _, item in parsed["positives"]}
-        for label, item in parsed["negatives"] + parsed["hard_negatives"]:
-            if _key(item) in positive_keys:
-                raise ValueError(f"{label}: this doc is also one of the record's positives")
-        for label, item in (p for items in parsed.values() for p in items):
-            if check_images and _missing_image(item):
-                raise ValueError(f"{label}: image not found: {item.image}")
-        items = {key: [item for _, item in labelled] for key, labelled in parsed.items()}
-        records.append(TrainRecord(rid, obj["instruction"], items["query"][0], items["positives"],
-                                   items["negatives"], items["hard_negatives"]))
+        positive_keys = {_key(d) for d in docs["positives"]}
+        for key in ("negatives", "hard_negatives"):
+            for i, d in enumerate(docs[key]):
+                if _key(d) in positive_keys:
+                    raise ValueError(f"{where}: {key}[{i}]: this doc is also one of the record's positives")
+        records.append(TrainRecord(rid, obj["instruction"], query, **docs))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
 
 
-def _key(item):
+def _key(item: Item) -> tuple[str | None, str | None]:
     """Documents are the same document when text and image agree (ids differ across records)."""
     return item.text, item.image
 
 
-def _distinct(n, k, rng):
+def _distinct(n: int, k: int, rng: torch.Generator) -> list[int]:
     """k distinct ints uniform in range(n), k <= n, in draw order. Rejection sampling keeps a draw O(k)
     rather than O(n) on a corpus of millions."""
     if 2 * k >= n:
@@ -347,7 +376,7 @@ def _distinct(n, k, rng):
     return list(picked)
 
 
-def _take(items, k, rng):
+def _take(items: list, k: int, rng: torch.Generator) -> list:
     """Up to k of items without replacement (all of them, shuffled, when there are fewer than k)."""
     return [items[i] for i in _distinct(len(items), min(max(k, 0), len(items)), rng)]
 
@@ -363,7 +392,7 @@ class NegativeSampler:
     hard first, then random. Deterministic given the torch.Generator (or the seed when rng is None).
     """
 
-    def __init__(self, records, num_negatives, hard_ratio=0.5, seed=0):
+    def __init__(self, records: list[TrainRecord], num_negatives: int, hard_ratio: float = 0.5, seed: int = 0):
         if num_negatives < 0 or not 0.0 <= hard_ratio <= 1.0:
             raise ValueError(f"need num_negatives >= 0 and 0 <= hard_ratio <= 1, got {num_negatives}, {hard_ratio}")
         self.num_negatives = num_negatives
@@ -376,7 +405,7 @@ class NegativeSampler:
                     self.corpus.append(doc)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, record, rng=None):
+    def sample(self, record: TrainRecord, rng: torch.Generator | None = None) -> tuple[Item, list[Item]]:
         """-> (positive Item, [N negative Items])."""
         rng = self.generator if rng is None else rng
         positive = record.positives[_distinct(len(record.positives), 1, rng)[0]]

@@ -31,12 +31,15 @@ In Python both are dicts: qrels {qid: {docid: rel}}, run {qid: {docid: score}}.
 import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 
+Qrels = dict[str, dict[str, int]]  # {qid: {docid: rel}}
+Run = dict[str, dict[str, float]]  # {qid: {docid: score}}
 DEFAULT_METRICS = ("ndcg@10", "recall@10", "mrr@10", "map")
 _METRIC_RE = re.compile(r"(ndcg|recall|mrr)@([1-9][0-9]*)|map")
 
 
-def parse_metric(name):
+def parse_metric(name: str) -> tuple[str, int | None]:
     """'ndcg@10' -> ('ndcg', 10), 'recall@100' -> ('recall', 100), 'mrr@10' -> ('mrr', 10), 'map' -> ('map', None)"""
     m = _METRIC_RE.fullmatch(name.strip().lower()) if isinstance(name, str) else None
     if m is None:
@@ -44,12 +47,12 @@ def parse_metric(name):
     return (m.group(1), int(m.group(2))) if m.group(1) else ("map", None)
 
 
-def rank(scores):
+def rank(scores: dict[str, float]) -> list[str]:
     """Doc ids of one query in trec_eval order: score descending, ties by doc id descending."""
     return sorted(scores, key=lambda d: (float(scores[d]), d), reverse=True)
 
 
-def _query_metrics(rels, scores, metrics):
+def _query_metrics(rels: dict[str, int], scores: dict[str, float], metrics: Sequence[str]) -> dict[str, float]:
     """All requested metrics of one query; rels {docid: rel} has at least one rel >= 1."""
     ranked = [rels.get(d, 0) for d in rank(scores)]  # rel of the doc at each rank (0 = not in qrels)
     ideal = sorted((r for r in rels.values() if r > 0), reverse=True)
@@ -73,7 +76,7 @@ def _query_metrics(rels, scores, metrics):
     return out
 
 
-def evaluate_per_query(qrels, run, metrics=DEFAULT_METRICS):
+def evaluate_per_query(qrels: Qrels, run: Run, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
     """{qid: {metric: value}} for every evaluated query (see the module docstring for which ones)."""
     for name in metrics:
         parse_metric(name)  # fail on a bad name even if no query gets evaluated
@@ -89,7 +92,7 @@ def evaluate_per_query(qrels, run, metrics=DEFAULT_METRICS):
     return out
 
 
-def evaluate(qrels, run, metrics=DEFAULT_METRICS):
+def evaluate(qrels: Qrels, run: Run, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, float]:
     """{metric: mean over the evaluated queries}, e.g. evaluate(qrels, run, ("ndcg@10", "map"))."""
     per_query = evaluate_per_query(qrels, run, metrics)
     if not per_query:
@@ -97,7 +100,7 @@ def evaluate(qrels, run, metrics=DEFAULT_METRICS):
     return {name: sum(q[name] for q in per_query.values()) / len(per_query) for name in metrics}
 
 
-def _rows(path, fields, fmt):
+def _rows(path: str | os.PathLike, fields: int, fmt: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, columns) of a whitespace-separated file with exactly `fields` columns."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -109,7 +112,7 @@ def _rows(path, fields, fmt):
             yield n, cols
 
 
-def read_qrels(path):
+def read_qrels(path: str | os.PathLike) -> Qrels:
     """TREC qrels file ("qid 0 docid rel", graded integer rel) -> {qid: {docid: rel}}."""
     qrels = {}
     for n, (qid, _, docid, rel) in _rows(path, 4, "qid 0 docid rel"):
@@ -123,7 +126,7 @@ def read_qrels(path):
     return qrels
 
 
-def read_run(path):
+def read_run(path: str | os.PathLike) -> Run:
     """TREC run file ("qid Q0 docid rank score tag") -> {qid: {docid: score}}; rank and tag are not kept."""
     run = {}
     for n, (qid, _, docid, rnk, score, _) in _rows(path, 6, "qid Q0 docid rank score tag"):
@@ -140,12 +143,12 @@ def read_run(path):
     return run
 
 
-def _check_token(value, what):
+def _check_token(value: object, what: str) -> None:
     if not isinstance(value, str) or not value or len(value.split()) != 1 or value.strip() != value:
         raise ValueError(f"{what} {value!r} cannot be written to a TREC file: it must be non-empty, no whitespace")
 
 
-def write_run(path, run, tag):
+def write_run(path: str | os.PathLike, run: Run, tag: str) -> None:
     """Write {qid: {docid: score}} as a TREC run, each query's docs in trec_eval order with ranks 1, 2, ..."""
     _check_token(tag, "run tag")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -157,7 +160,7 @@ def write_run(path, run, tag):
                 f.write(f"{qid} Q0 {docid} {i + 1} {float(scores[docid])!r} {tag}\n")  # repr: exact round-trip
 
 
-def write_qrels(path, qrels):
+def write_qrels(path: str | os.PathLike, qrels: Qrels) -> None:
     """Write {qid: {docid: rel}} as a TREC qrels file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -1,28 +1,19 @@
 """Caption pretraining: how the synthetic world's tiny checkpoint becomes a (tiny) vision-language model.
 
 GMR starts from Qwen2.5-VL-Instruct, a model that already *sees*: its pretraining tied image patches to words long
-before anyone asked it "yes" or "no". A random-init checkpoint has no such grounding, and one yes/no bit per
-document is a poor teacher of it: on the synthetic world, ten minutes of SFT from random init learned the text
-tasks but not to bind "two" / "red" / "on the left" to pixels (README, Training). Captioning teaches exactly that,
-several supervised words per picture: measured here, 500 steps of it predict the colour word of a held-out picture
-every time; count and position come later and less reliably (world.json "pretraining" records where they are).
-
-So the synthetic world ships its checkpoint the way the real world does: pretrained, never trained to rerank. The
-pretraining conversations are Qwen-chat turns (default system prompt, user = one picture, assistant = its text):
+before anyone asked it "yes" or "no". One yes/no bit per document is a poor teacher of that grounding (SFT from
+random init learns the world's text tasks but not to bind "two" / "red" / "on the left" to pixels); captioning
+gives several supervised words per picture. Each example is one Qwen-chat exchange (default system prompt, user =
+one picture, assistant = its text) with the next-token loss on the answer only, as in instruction tuning:
 
     scene picture -> its description            "two red circles on the left and one blue star on the right"
     page screenshot -> the passage printed on it "note 12. the picture shows two red circles on the left."
 
-with the next-token loss on the assistant's answer only (as instruction tuning does). The default is scenes only:
-with a quarter of pages (OCR-like) the scene words came out as well learned, but the SFT demo on top reached 0.24
-nDCG@10 instead of 0.31 (one run each; T->VD, the page task, no better), so `p_page` is an option, off.
-
-The model never sees the reranking prompt, an instruction, a query/document pair or the words "yes"/"no" as
-answers, so the untrained checkpoint is still an untrained *reranker* (eval.py on it scores about a random order),
-and whatever it gains in train.py is learned there.
-
-Everything is a pure function of the seed: pictures from str-seeded random.Random streams, batches in a fixed
-order, AdamW from the same init; on one machine with one thread count the weights are bit-identical.
+Pages (`p_page`) are off by default: they did not help the reranker trained on top (docs/experiments.md). The model
+never sees the reranking prompt, a query/document pair or "yes"/"no" as answers, so the checkpoint is still an
+untrained *reranker* (world.json "pretraining" records what it did learn) and whatever it gains in train.py is
+learned there. Everything is a pure function of the seed (str-seeded pictures, batches in a fixed order, AdamW from
+the same init); on one machine with one thread count the weights are bit-identical.
 """
 import math
 import random
@@ -31,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import synth
 from .model import Qwen25VL
 from .processor import Processor
+from .scenes import ALL_GROUPS, OPPOSITE, TEMPLATES, VALUES, Group, describe, draw_page, draw_scene, fields
 
 # Attribute -> which answer tokens of a one-group description name it ("two red circles on the left": every word
 # of the world is one token, so these are token indices in the answer).
@@ -43,15 +34,15 @@ ATTRIBUTE_TOKENS = {"count": (0,), "colour": (1,), "shape": (2,), "position": (3
 def caption_example(rng: random.Random, p_page: float = 0.0, p_two: float = 0.3):
     """(picture, answer text, groups): a scene with one group (or two on opposite sides) described, or the same
     as a page screenshot with one of the world's passage templates printed on it."""
-    g = rng.choice(synth.ALL_GROUPS)
+    g = rng.choice(ALL_GROUPS)
     groups = [g]
-    if g.position in synth.OPPOSITE and rng.random() < p_two:
-        groups.append(synth.Group(rng.choice(synth.VALUES["count"]), rng.choice(synth.VALUES["colour"]),
-                                  rng.choice(synth.VALUES["shape"]), synth.OPPOSITE[g.position]))
+    if g.position in OPPOSITE and rng.random() < p_two:
+        groups.append(Group(rng.choice(VALUES["count"]), rng.choice(VALUES["colour"]), rng.choice(VALUES["shape"]),
+                            OPPOSITE[g.position]))
     if rng.random() < p_page:
-        text = rng.choice(synth.TEMPLATES["passage"]).format(**synth.fields(groups, rng.randint(1, 99)))
-        return synth.draw_page(text, rng), text, groups
-    return synth.draw_scene(groups, rng), synth.describe(groups), groups
+        text = rng.choice(TEMPLATES["passage"]).format(**fields(groups, rng.randint(1, 99)))
+        return draw_page(text, rng), text, groups
+    return draw_scene(groups, rng), describe(groups), groups
 
 
 def caption_batch(processor: Processor, examples):
@@ -77,10 +68,6 @@ def answer_logits(model: Qwen25VL, batch, labels) -> torch.Tensor:
                                batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev))  # (B, S, D)
     keep = (labels != -100).to(dev)  # (B, S-1)
     return (h[:, :-1][keep] @ model.head_weight.T).float()  # (n, V)
-
-
-def caption_loss(model: Qwen25VL, batch, labels) -> torch.Tensor:
-    return F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
 
 
 @torch.no_grad()
@@ -114,7 +101,7 @@ def pretrain(model: Qwen25VL, processor: Processor, steps: int, seed: int = 0, b
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch, labels = caption_batch(processor, [caption_example(rng, p_page) for _ in range(batch_size)])
-        loss = caption_loss(model, batch, labels)
+        loss = F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"caption pretraining: non-finite loss {loss.item()} at step {step}")
         loss.backward()

@@ -1,17 +1,13 @@
 """A seeded, procedural synthetic world, so that minigmr trains and evaluates on a fresh machine with no download.
 
-Every scene is one *group* of flat shapes: (count, colour, shape, position), e.g. "two red circles on the left".
-Groups are drawn with PIL on a plain background, described in captions, asked about in questions, written in
-passages and rendered as small "document screenshots" (white pages of text in PIL's built-in bitmap font). From
-this world we build:
-  (a) an evaluation suite with one dataset per MRB task type (gmr.md §4): T->T, I->I, T->I, T->VD, I->T
-      (single-/cross-modal) and T->IT, IT->T, IT->I, IT->IT (fused-modal), each with a first-stage run that looks
-      like a real retriever's (weighted attribute overlap + noise, so the positive is usually but not always near
-      the top, and sometimes missing);
+    python -m minigmr.synth --out data/synth --seed 0
+
+From the scenes of scenes.py (groups of coloured shapes, drawn, described in words and printed on pages) we build:
+  (a) an evaluation suite, one dataset per MRB task type (docs/gmr.md §4), each with a first-stage run that looks
+      like a real retriever's (weighted attribute overlap + noise: the positive usually, not always, near the top);
   (b) training data (JSONL: query, positives, negatives, hard_negatives) from a disjoint sample of the same world;
   (c) a tiny Qwen2.5-VL checkpoint in the official layout, with a BPE tokenizer trained on the world, random-init
-      and then caption-pretrained on the world's pictures (pretrain.py: the analogue of Qwen2.5-VL's own
-      pretraining; it never sees the reranking prompt or a yes/no answer).
+      and then caption-pretrained on the world's pictures (pretrain.py; it never sees a yes/no answer).
 Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
 queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
 Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
@@ -22,56 +18,24 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import shutil
-from typing import NamedTuple
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from .config import Config, TextConfig, VisionConfig
-from .data import Item, write_dataset
+from .data import Item, read_json, write_dataset, write_json
 from .metrics import rank
 from .model import Qwen25VL
+from .pretrain import caption_accuracy, pretrain
 from .processor import DEFAULT_SYSTEM_PROMPT, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Processor
 from .prompt import DEFAULT_INSTRUCTION, SYSTEM_PROMPT
+from .scenes import (ALL_GROUPS, ATTRIBUTES, EDITS, OPPOSITE, TEMPLATES, VALUES, Group, draw_page, draw_scene,
+                     fields, grade, mutate)
 from .tokenizer import train_bpe_tokenizer
 
-# ---------------------------------------------------------------------------------------------------- the world
-ATTRIBUTES = ("count", "colour", "shape", "position")
-COUNTS = {1: "one", 2: "two", 3: "three", 4: "four"}
-COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (230, 190, 20),
-           "purple": (148, 103, 189), "orange": (255, 127, 14)}
-SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses",
-          "diamond": "diamonds"}  # singular -> plural
-POSITIONS = {  # name -> (phrase, region (x0, y0, x1, y1) as fractions of the image)
-    "left": ("on the left", (0.04, 0.1, 0.46, 0.9)), "right": ("on the right", (0.54, 0.1, 0.96, 0.9)),
-    "top": ("at the top", (0.1, 0.04, 0.9, 0.46)), "bottom": ("at the bottom", (0.1, 0.54, 0.9, 0.96)),
-    "centre": ("in the centre", (0.25, 0.25, 0.75, 0.75))}
-OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}  # where a partial doc's 2nd group goes
-VALUES = {"count": tuple(COUNTS), "colour": tuple(COLOURS), "shape": tuple(SHAPES), "position": tuple(POSITIONS)}
-BACKGROUNDS = ((255, 255, 255), (238, 238, 238), (250, 244, 228))
-SCENE_SIDES = (84, 112)  # width and height each drawn from these (smart_resize keeps multiples of 28 as they are)
-PAGE_SIZES = ((140, 112), (168, 98), (168, 112))  # (width, height) of document screenshots
-
-# Text templates. Fields: scene (full description), count, colour, shape(s), pos, num.
-TEMPLATES = {
-    "question": ("which passage mentions {scene}?", "which page mentions {scene}?", "find the note about {scene}."),
-    "caption": ("{scene}", "a picture of {scene}", "an image with {scene}"),
-    "passage": ("note {num}. the picture shows {scene}.", "record {num}: we drew {scene} on a plain page.",
-                "entry {num}. it has {scene}. nothing else is drawn."),
-    "image+title": ("{colour} {shapes}", "a picture of {shapes}", "shapes {pos}"),
-    "image+question": ("how many {colour} {shapes} are in the picture?", "what colour are the {shapes} {pos}?",
-                       "which shapes are {pos}?", "where are the {colour} {shapes}?"),
-    "image+ask": ("find the card with this picture.", "which card shows these {shapes}?",
-                  "find a card with the same {colour} shapes."),
-    "image+passage": ("note {num}. the picture shows {scene}.", "entry {num}. it has {scene}."),
-}
-EDITS = {"count": "show {count} of them instead.", "colour": "make them {colour}.", "shape": "turn them into {shapes}.",
-         "position": "move them {pos}."}  # IT->I: the edit that turns the reference image into the target
-TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in GME/MTEB style, gmr.md §1.4)
+TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in GME/MTEB style, docs/gmr.md §1.4)
     "synth_t2t": ("T->T", "question", "passage", "Given a question, retrieve passages that answer the question."),
     "synth_i2i": ("I->I", "image", "image", "Find an image that shows the same objects as the given image."),
     "synth_t2i": ("T->I", "caption", "image", "Find an image that matches the given caption."),
@@ -87,109 +51,19 @@ TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in 
 # colour and shape and weak at counting and spatial relations, which leaves room for the reranker.
 RETRIEVER_WEIGHTS = {"count": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.6}
 RETRIEVER_NOISE = 0.6
-# Init std of the tiny checkpoint's matrices. Measured on the T->T records (lr 5e-4, 8 groups of 1+2 per step):
-# with 0.02 the SFT loss leaves the constant-guess plateau after ~1,200 groups and reaches 1.13 at 10k groups
-# (nDCG@10 0.44); with 0.07 it leaves it after ~800 and reaches 0.08 (nDCG@10 0.79).
+# Init std of the tiny checkpoint's matrices, above transformers' 0.02 (why: write_tiny_checkpoint).
 INIT_STD = 0.07
-# Caption-pretraining steps of the tiny checkpoint (pretrain.py; batches of 16, ~2.5 minutes on 2 CPU cores).
-# Measured after 2,000 steps (world.json "pretraining", held-out pictures): colour word right 100% of the time,
-# count 56%, position 41%, shape 33% (shapes are ~10 px wide). Enough for the demo: +0.08 to +0.14 nDCG@10 (README).
+# Caption-pretraining steps of the tiny checkpoint: enough grounding for the demo's reranker to learn on
+# (what it reaches: world.json "pretraining"; measurements: docs/experiments.md).
 PRETRAIN_STEPS = 2000
 # Bumped whenever generation changes, so that an old world on disk is not silently reused (ensure_world).
 WORLD_VERSION = 3
-# Strings of the GMR prompt (gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
+# Strings of the GMR prompt (docs/gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
 PROMPT_STRINGS = (SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<Instruct>: ", "<Query>:",
                   "\n<Document>:", "system", "user", "assistant", "yes", "no")
 
 
-class Group(NamedTuple):
-    count: int
-    colour: str
-    shape: str
-    position: str
-
-
-ALL_GROUPS = [Group(*v) for v in itertools.product(*VALUES.values())]  # 4 * 6 * 6 * 5 = 720
-
-
-def mutate(g: Group, attr: str, rng) -> Group:
-    """The same group with one attribute changed to another value: a hard negative."""
-    return g._replace(**{attr: rng.choice([v for v in VALUES[attr] if v != getattr(g, attr)])})
-
-
-def grade(target: Group, groups: list) -> int:
-    """Relevance of a document showing `groups` to a query for `target`: 2 exact, 1 target plus more, 0 otherwise."""
-    return 2 if groups == [target] else int(target in groups)
-
-
-def describe(groups) -> str:
-    return " and ".join(f"{COUNTS[g.count]} {g.colour} {g.shape if g.count == 1 else SHAPES[g.shape]} "
-                        f"{POSITIONS[g.position][0]}" for g in groups)
-
-
-def fields(groups, num: int) -> dict:
-    g = groups[0]
-    return dict(scene=describe(groups), count=COUNTS[g.count], colour=g.colour, shape=g.shape,
-                shapes=SHAPES[g.shape], pos=POSITIONS[g.position][0], num=num)
-
-
-# ---------------------------------------------------------------------------------------------------- drawing
-def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        d.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
-    elif shape == "cross":
-        t = r / 3
-        d.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-        d.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-    else:  # polygons given on the unit circle, y down; a star alternates outer and inner (0.45) points
-        unit = {"triangle": [(0, -1), (0.87, 0.6), (-0.87, 0.6)], "diamond": [(0, -1), (0.75, 0), (0, 1), (-0.75, 0)],
-                "star": [((1, 0.45)[k % 2] * math.sin(math.pi * k / 5), -(1, 0.45)[k % 2] * math.cos(math.pi * k / 5))
-                         for k in range(10)]}[shape]
-        d.polygon([(cx + r * x, cy + r * y) for x, y in unit], fill=fill)
-
-
-def draw_scene(groups, rng) -> Image.Image:
-    """Each group's shapes on a grid inside its position's region, with jitter and a random size."""
-    w, h = rng.choice(SCENE_SIDES), rng.choice(SCENE_SIDES)
-    img = Image.new("RGB", (w, h), rng.choice(BACKGROUNDS))
-    d = ImageDraw.Draw(img)
-    for g in groups:
-        x0, y0, x1, y1 = POSITIONS[g.position][1]
-        bx, by, bw, bh = x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h
-        grids = [(1, g.count), (g.count, 1)] + ([(2, 2)] if g.count >= 3 else [])  # (rows, cols)
-        rows, cols = max(grids, key=lambda rc: min(bw / rc[1], bh / rc[0]))
-        cw, ch = bw / cols, bh / rows
-        r = min(cw, ch, 0.3 * min(w, h)) * rng.uniform(0.3, 0.42)  # radius
-        for cell in sorted(rng.sample(range(rows * cols), g.count)):
-            i, j = divmod(cell, cols)
-            cx = bx + (j + 0.5) * cw + rng.uniform(-0.4, 0.4) * (cw / 2 - r)
-            cy = by + (i + 0.5) * ch + rng.uniform(-0.4, 0.4) * (ch / 2 - r)
-            draw_shape(d, g.shape, cx, cy, r, COLOURS[g.colour])
-    return img
-
-
-def draw_page(text: str, rng) -> Image.Image:
-    """A 'document screenshot': a header band with a page number, then `text` word-wrapped in black."""
-    # The bitmap font ships inside Pillow (no system fonts); load_default() became a FreeType font in Pillow 10.1.
-    font = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
-    w, h = rng.choice(PAGE_SIZES)
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    d.rectangle((0, 0, w, 14), fill=(222, 226, 236))
-    d.text((4, 2), f"page {rng.randint(1, 99)}", fill=(70, 70, 70), font=font)
-    lines = [""]
-    for word in text.split():
-        fits = d.textlength(f"{lines[-1]} {word}".strip(), font=font) <= w - 8
-        lines[-1:] = [f"{lines[-1]} {word}".strip()] if fits else [lines[-1], word]
-    if 18 + 12 * len(lines) > h:
-        raise ValueError(f"page text does not fit a {w}x{h} page: {text!r}")
-    for i, line in enumerate(lines):
-        d.text((4, 18 + 12 * i), line, fill=(0, 0, 0), font=font)
-    return img
-
-
+# ---------------------------------------------------------------------------------------------------- task builders
 def picture_saver(folder: str, stream: str):
     """`picture(key, draw) -> path relative to folder`. The file name is an opaque hash of the key (so it does
     not leak the attributes), and draw's randomness comes from the key alone: same key, same picture, saved once."""
@@ -221,7 +95,6 @@ def render(kind: str, item: dict, rng, picture, variant) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- task builders
 def make_example(qkind: str, target: Group, rng, n_hard: int, p_partial: float) -> dict:
     """Attribute records of one query: the query, its exact positive, maybe a partial one, and `n_hard` distinct
     hard negatives that each change one attribute (spread over all four)."""
@@ -357,7 +230,7 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
                       vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     vision = VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                           window_size=112, fullatt_block_indexes=[1, 3])
-    write_json(os.path.join(folder, "preprocessor_config.json"), {  # official flat format (qwen25vl.md §5)
+    write_json(os.path.join(folder, "preprocessor_config.json"), {  # as transformers' Qwen2VLImageProcessor saves it
         "min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28, "patch_size": 14, "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
         "do_convert_rgb": True, "do_resize": True,
@@ -374,7 +247,6 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
                 if w.dim() >= 2:
                     w.normal_(0.0, INIT_STD)
         if pretrain_steps:
-            from .pretrain import caption_accuracy, pretrain  # pretrain.py draws its pictures with this module
             processor = Processor.from_pretrained(folder)
             losses = pretrain(model, processor, pretrain_steps, seed)
             mean = lambda xs: round(sum(xs) / len(xs), 4)
@@ -385,12 +257,6 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
 
 
 # ---------------------------------------------------------------------------------------------------- the whole world
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
                    n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS) -> dict:
     """Write suite/, train/train.jsonl and checkpoint/ under out_dir (plus world.json, written last)."""
@@ -415,8 +281,7 @@ def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
     renamed into place only when complete, so an interrupted run never leaves a half-written world behind."""
     manifest = os.path.join(out_dir, "world.json")
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            have = json.load(f)
+        have = read_json(manifest)
         want = {"version": WORLD_VERSION, "seed": seed, **kwargs}
         wrong = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if wrong:
@@ -445,12 +310,16 @@ def main(argv=None):
                                             "tiny caption-pretrained checkpoint.")
     p.add_argument("--out", required=True,
                    help="output folder; generated if absent, reused if it holds a world made with these settings")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
-    p.add_argument("--eval-queries", type=int, default=24, help="queries per eval dataset (nine datasets)")
-    p.add_argument("--candidates", type=int, default=30, help="first-stage candidates per query in run.trec")
-    p.add_argument("--train", type=int, default=3000, help="number of training records")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; the same seed gives byte-identical files (default: %(default)s)")
+    p.add_argument("--eval-queries", type=int, default=24,
+                   help="queries per eval dataset, nine datasets (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=30,
+                   help="first-stage candidates per query in run.trec (default: %(default)s)")
+    p.add_argument("--train", type=int, default=3000, help="number of training records (default: %(default)s)")
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
-                   help="caption-pretraining steps of the tiny checkpoint (0: leave it random-init)")
+                   help="caption-pretraining steps of the tiny checkpoint; 0 leaves it random-init "
+                        "(default: %(default)s)")
     a = p.parse_args(argv)
     if a.pretrain_steps < 0:
         p.error(f"--pretrain-steps must be >= 0, got {a.pretrain_steps}")

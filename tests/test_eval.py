@@ -16,6 +16,7 @@ from PIL import Image
 from minigmr import synth
 from minigmr.data import Item, load_suite, write_dataset
 from minigmr.metrics import evaluate
+from minigmr.scoring import Reranker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,15 +226,14 @@ def test_corrupt_cache_line_is_an_error(suite, tmp_path):
     file = next((tmp_path / "c").glob("*.jsonl"))
     lines = file.read_text().splitlines()
     file.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
-    with pytest.raises(ValueError, match=rf"{file.name}:3: malformed cache line"):
+    with pytest.raises(ValueError, match=rf"{file.name}:3: malformed JSON .*delete the file to re-score"):
         ev.evaluate_suite(ds, FakeReranker(), 5, METRICS, cache_dir=tmp_path / "c", reranker_key="k", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
 def run_main(monkeypatch, capsys, argv, reranker):
     """eval.main with Reranker.from_pretrained replaced by the given reranker."""
-    import minigmr.scoring
-    monkeypatch.setattr(minigmr.scoring.Reranker, "from_pretrained", classmethod(lambda cls, *a, **k: reranker))
+    monkeypatch.setattr(Reranker, "from_pretrained", classmethod(lambda cls, *a, **k: reranker))
     results = ev.main(argv)
     return results, capsys.readouterr().out
 
@@ -299,8 +299,8 @@ def test_command_line_errors(suite, capsys):
             ev.parse_args(argv)
     assert "--suite mrb needs --data-dir" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown dataset\(s\) \['nope'\] .*available: a_t2t, b_t2t"):
-        ev.load_selected(str(suite), ["a_t2t", "nope"], "raise")
-    assert [d.name for d in ev.load_selected(str(suite), ["c_i2i", "a_t2t"], "raise")] == ["a_t2t", "c_i2i"]
+        load_suite(suite, names=["a_t2t", "nope"])
+    assert [d.name for d in load_suite(suite, names=["c_i2i", "a_t2t"])] == ["a_t2t", "c_i2i"]
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -314,7 +314,6 @@ def synth_suite(tmp_path_factory):
 
 
 def check_end_to_end(root, model, tmp_path, capsys):
-    from minigmr.scoring import Reranker
     out_json = tmp_path / "out" / "eval.json"
     argv = ["--data-dir", str(root / "suite"), "--model", str(model), "--datasets", "synth_t2t", "synth_it2it",
             "--top-k", "4", "--json", str(out_json)]
@@ -351,7 +350,6 @@ def test_end_to_end_synthetic_checkpoint(synth_suite, tmp_path, capsys):
 def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     """--score cl ranks by the yes logit (cached apart from the p(yes) run); --baseline prints a run's numbers
     next to another's."""
-    from minigmr.scoring import Reranker
     base = ["--data-dir", str(synth_suite / "suite"), "--model", str(synth_suite / "checkpoint"), "--datasets",
             "synth_t2t", "--top-k", "6", "--cache-dir", str(tmp_path / "cache")]
     ev.main(base + ["--json", str(tmp_path / "sft.json")])
@@ -362,7 +360,7 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     assert sft["config"]["score"] == "sft" and cl["config"]["score"] == "cl"
     assert len(list((tmp_path / "cache").glob("synth_t2t-*.jsonl"))) == 2  # the score type is part of the key
     ds = next(d for d in load_suite(synth_suite / "suite") if d.name == "synth_t2t")
-    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score="cl")
+    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score_type="cl")
     item = lambda x: {k: v for k, v in (("text", x.text), ("image", x.image)) if v is not None}
     logit = {}
     for q in ds.queries:

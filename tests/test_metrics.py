@@ -1,6 +1,7 @@
 """Tests for minigmr/metrics.py: parity with pytrec_eval (trec_eval's C code) on random runs full of ties,
 hand-computed small cases, and the file readers/writers with their error messages."""
 
+import functools
 import math
 import random
 
@@ -81,8 +82,6 @@ def test_matches_pytrec_eval_on_random_runs_with_ties(seed):
 def test_mrr_matches_pytrec_eval_on_truncated_run():
     """The brief's oracle: recip_rank of pytrec_eval on the run cut to its top k. The cut uses trec_eval's
     comparator (form_res_rels.c comp_sim_docno) transcribed here, not minigmr's rank()."""
-    import functools
-
     def comp_sim_docno(a, b):  # a, b = (docid, score)
         if a[1] != b[1]:
             return -1 if a[1] > b[1] else 1

@@ -1,4 +1,5 @@
-"""minigmr.synth: determinism, the suite's structure and modalities, hard negatives, training data, tiny checkpoint.
+"""minigmr.synth and minigmr.scenes: determinism, the suite's structure and modalities, hard negatives, training
+data, tiny checkpoint.
 
 The checkpoint's layout is checked against transformers (the oracle): it must load there with no missing or
 unexpected keys. Worlds are generated small here (8 queries per dataset, 120 training records) to stay fast."""
@@ -10,8 +11,9 @@ import random
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 
-from minigmr import synth
+from minigmr import scenes, synth
 from minigmr.config import Config
 from minigmr.data import load_suite, load_training_data
 from minigmr.model import Qwen25VL
@@ -31,7 +33,7 @@ def file_hashes(root):
 
 
 def differing_attributes(a, b):
-    return [attr for attr in synth.ATTRIBUTES if getattr(a, attr) != getattr(b, attr)]
+    return [attr for attr in scenes.ATTRIBUTES if getattr(a, attr) != getattr(b, attr)]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_qrels_hard_negatives_and_run_follow_the_attributes(tmp_path):
             assert loaded[name].qrels[q["id"]] == want
             # every query has >= 8 single-attribute hard negatives in the corpus, over all four attributes
             hard = [g[0] for g in docs.values() if len(g) == 1 and len(differing_attributes(g[0], target)) == 1]
-            assert len(hard) >= 8 and {differing_attributes(g, target)[0] for g in hard} == set(synth.ATTRIBUTES)
+            assert len(hard) >= 8 and {differing_attributes(g, target)[0] for g in hard} == set(scenes.ATTRIBUTES)
             if "ref" in q:  # IT->I: the reference image is one edit away from the target
                 assert differing_attributes(q["ref"][0], target) == [q["edit"]]
             ranked = loaded[name].candidates(q["id"])
@@ -104,13 +106,13 @@ def test_qrels_hard_negatives_and_run_follow_the_attributes(tmp_path):
 def test_make_example_hard_negatives_change_exactly_one_attribute():
     rng = random.Random(0)
     for qkind in ("question", "image+edit"):
-        for target in rng.sample(synth.ALL_GROUPS, 50):
+        for target in rng.sample(scenes.ALL_GROUPS, 50):
             ex = synth.make_example(qkind, target, rng, n_hard=8, p_partial=1.0)
             hard = [g[0] for g in ex["hard"]]
             assert len(hard) == len(set(hard)) == 8
             assert all(len(differing_attributes(g, target)) == 1 for g in hard)
             assert ex["positives"][0] == [target]
-            if target.position in synth.OPPOSITE:  # the partial doc: target + a group of another colour and shape
+            if target.position in scenes.OPPOSITE:  # the partial doc: target + a group of another colour and shape
                 extra = ex["positives"][1][1]
                 assert ex["positives"][1][0] == target
                 assert {"colour", "shape"} <= set(differing_attributes(extra, target))
@@ -136,11 +138,10 @@ def test_training_records_attributes_and_disjointness(tmp_path):
         assert all(len(differing_attributes(g[0], target)) == 1 for g in rec["hard"])
         assert all(len(differing_attributes(g[0], target)) >= 2 for g in rec["negatives"])
         if isinstance(line["positives"][0], str):  # text documents spell out every attribute of the target
-            assert synth.describe([target]) in line["positives"][0]
+            assert scenes.describe([target]) in line["positives"][0]
 
 
 def test_tiny_checkpoint(world):
-    from tokenizers import Tokenizer
     ckpt = world["checkpoint"]
     config = Config.from_json(ckpt)
     tok = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))

@@ -19,14 +19,13 @@ Images are copied to OUT_DIR/images/ under their relative path.
 """
 import argparse
 import csv
-import json
 import os
 import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from minigmr.data import TASK_TYPES, Item, write_dataset  # noqa: E402
+from minigmr.data import TASK_TYPES, Item, read_jsonl, write_dataset  # noqa: E402
 from minigmr.metrics import rank, read_run  # noqa: E402
 
 
@@ -57,37 +56,30 @@ def read_beir_qrels(path):
 def read_beir_items(path, keep, out_dir, is_corpus):
     """{id: Item} for the ids in `keep`, streaming the file (a corpus may hold millions of documents)."""
     items, base = {}, os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if obj.get("_id") in (None, ""):
-                raise ValueError(f"{path}:{n}: missing '_id'")
-            item_id = str(obj["_id"])  # ViDoRe's corpus-id is an integer
-            if item_id not in keep:
-                continue
-            if item_id in items:
-                raise ValueError(f"{path}:{n}: duplicate _id {item_id!r}")
-            parts = [obj.get("title"), obj.get("text")] if is_corpus else [obj.get("text")]
-            text = " ".join(p for p in parts if p) or None
-            image = obj.get("image")
-            if image:
-                src = os.path.normpath(os.path.join(base, image))
-                rel = os.path.relpath(src, base)
-                if rel.startswith(".."):
-                    raise ValueError(f"{path}:{n}: _id {item_id!r}: image {image!r} is outside {base}")
-                if not os.path.isfile(src):
-                    raise ValueError(f"{path}:{n}: _id {item_id!r}: image not found: {src}")
-                image = os.path.join("images", rel)
-                os.makedirs(os.path.dirname(os.path.join(out_dir, image)), exist_ok=True)
-                shutil.copyfile(src, os.path.join(out_dir, image))
-            if text is None and not image:
-                raise ValueError(f"{path}:{n}: _id {item_id!r} has neither text nor image")
-            items[item_id] = Item(item_id, text, image or None)
+    for n, obj in read_jsonl(path):
+        if obj.get("_id") in (None, ""):
+            raise ValueError(f"{path}:{n}: missing '_id'")
+        item_id = str(obj["_id"])  # ViDoRe's corpus-id is an integer
+        if item_id not in keep:
+            continue
+        if item_id in items:
+            raise ValueError(f"{path}:{n}: duplicate _id {item_id!r}")
+        parts = [obj.get("title"), obj.get("text")] if is_corpus else [obj.get("text")]
+        text = " ".join(p for p in parts if p) or None
+        image = obj.get("image")
+        if image:
+            src = os.path.normpath(os.path.join(base, image))
+            rel = os.path.relpath(src, base)
+            if rel.startswith(".."):
+                raise ValueError(f"{path}:{n}: _id {item_id!r}: image {image!r} is outside {base}")
+            if not os.path.isfile(src):
+                raise ValueError(f"{path}:{n}: _id {item_id!r}: image not found: {src}")
+            image = os.path.join("images", rel)
+            os.makedirs(os.path.dirname(os.path.join(out_dir, image)), exist_ok=True)
+            shutil.copyfile(src, os.path.join(out_dir, image))
+        if text is None and not image:
+            raise ValueError(f"{path}:{n}: _id {item_id!r} has neither text nor image")
+        items[item_id] = Item(item_id, text, image or None)
     return items
 
 
