@@ -1,6 +1,7 @@
-"""LoRA layers (minigmr/lora.py): the LoRALinear maths against the explicit formula, injection bookkeeping,
-and parity with peft (the oracle) on a tiny random Qwen2.5-VL: peft adapters load here, minigmr adapters load
-in peft, merged weights match `merge_and_unload`, and both adapter key layouts are accepted. fp32 on CPU."""
+"""LoRA layers (minigmr/lora.py) and their peft-format files (minigmr/peft_io.py): the LoRALinear maths against
+the explicit formula, injection bookkeeping, and parity with peft (the oracle) on a tiny random Qwen2.5-VL: peft
+adapters load here, minigmr adapters load in peft, merged weights match `merge_and_unload`, and both adapter key
+layouts are accepted. fp32 on CPU."""
 import json
 import os
 import warnings
@@ -13,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from hf_reference import hf_logits, image_tokens, random_pixels, save_tiny_hf, tiny_hf_model
 from minigmr import lora
-from minigmr.lora import (TEXT_TARGETS, LoRALinear, disable_adapters, inject_lora, load_adapter, lora_parameters,
-                          mark_only_lora_trainable, merge_lora, remove_lora, save_adapter, unmerge_lora)
+from minigmr.lora import (TEXT_TARGETS, LoRALinear, disable_adapters, inject_lora, lora_parameters,
+                          mark_only_lora_trainable, merge_lora, remove_lora, unmerge_lora)
+from minigmr.peft_io import load_adapter, save_adapter
 from minigmr.model import Qwen25VL
 
 peft = pytest.importorskip("peft")
@@ -352,6 +354,8 @@ Q_A = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.we
     ("rank_pattern", r"unsupported peft LoRA option\(s\) \{'rank_pattern'"),
     ("lora_bias", r"unsupported peft LoRA option\(s\) \{'bias': True\}"),
     ("pissa", r"'init_lora_weights': 'pissa_niter_4'"),
+    ("alpha_pattern", r"unsupported peft LoRA option\(s\) \{'alpha_pattern'"),
+    ("both_layouts", r"are both lora_A of 'text.layers.0.attn.q_proj'; keep one adapter"),
 ])
 def test_bad_adapter_errors(hf_dir, peft_adapter, tmp_path, case, match):
     _, d = peft_adapter
@@ -366,12 +370,14 @@ def test_bad_adapter_errors(hf_dir, peft_adapter, tmp_path, case, match):
         "rank_pattern": dict(config={"rank_pattern": {"q_proj": 8}}),
         "lora_bias": dict(config={"bias": "all"}),
         "pissa": dict(config={"init_lora_weights": "pissa_niter_4"}),
+        "alpha_pattern": dict(config={"alpha_pattern": {"q_proj": 16}}),  # would silently change the scaling
+        "both_layouts": dict(extra={Q_A.replace("model.language_model.", "model."): torch.zeros(4, 64)}),
     }[case]
     d2 = _copy_adapter(d, str(tmp_path / case), **kw)
     model = _ours(hf_dir)
     with pytest.raises(ValueError, match=match) as err:
         load_adapter(model, d2)
-    if case not in ("dora", "rank_pattern", "lora_bias", "pissa"):
+    if case not in ("dora", "rank_pattern", "lora_bias", "pissa", "alpha_pattern"):
         assert os.path.join(d2, "adapter_model.safetensors") in str(err.value)  # names the file
     else:
         assert os.path.join(d2, "adapter_config.json") in str(err.value)
@@ -385,3 +391,12 @@ def test_peft_conv3d_target_is_refused(hf_dir, tmp_path):
         pm.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"targets 'vision.patch_embed', which is not an adaptable nn.Linear"):
         load_adapter(_ours(hf_dir), str(tmp_path))
+
+
+def test_pickled_adapter_is_refused(hf_dir, peft_adapter, tmp_path):
+    d = _copy_adapter(peft_adapter[1], str(tmp_path / "old"))
+    os.replace(os.path.join(d, "adapter_model.safetensors"), os.path.join(d, "adapter_model.bin"))  # never read
+    model = _ours(hf_dir)
+    with pytest.raises(FileNotFoundError, match="only a pickled adapter_model.bin.*convert it to") as err:
+        load_adapter(model, d)
+    assert d in str(err.value) and not lora.lora_modules(model)
