@@ -234,9 +234,8 @@ if lora_on:
                 args.vision_lora_targets, seed=args.seed)
     for param in lora_parameters(model):
         param.data = param.data.float()  # adapters train in fp32 even over a bf16 base (LoRALinear casts its input)
-    n_trainable = mark_only_lora_trainable(model, TRAIN_MODES[args.train])
+    mark_only_lora_trainable(model, TRAIN_MODES[args.train])
 else:
-    n_trainable = sum(param.numel() for param in model.parameters())
     model.requires_grad_(True)
 model.text.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_checkpointing
 # DPO's reference policy: the starting model. With LoRA only it is the same model with the adapters switched off
@@ -245,7 +244,8 @@ reference = None
 if args.objective == "dpo" and args.train != "lora":
     reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
 lora_ids = {id(param) for param in lora_parameters(model)} if lora_on else set()
-trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+n_trainable = sum(param.numel() for param in trainable.values())
 print0(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_trainable:,} trainable "
        f"(--train {args.train}); {world_size} process(es) on {device}, {'bf16 autocast' if use_bf16 else 'fp32'}")
 
@@ -358,7 +358,7 @@ def lr_at(it):
 
 
 model.to(device)
-params = [param for _, param in trainable]
+params = list(trainable.values())
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 os.makedirs(args.out, exist_ok=True)
 log_path, start = os.path.join(args.out, "log.jsonl"), 0
@@ -390,7 +390,7 @@ if master:  # keep the log lines of the steps the checkpoint contains, drop any 
             kept = [line for line in f if json.loads(line)["step"] <= start]
     with open(log_path, "w") as f:
         f.writelines(kept)
-scorer = YesNoScorer(model, yes_no, [param for name, param in trainable if name.startswith("vision.")])
+scorer = YesNoScorer(model, yes_no, [param for name, param in trainable.items() if name.startswith("vision.")])
 ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else scorer
 ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
 
