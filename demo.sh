@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The minigmr demo on a fresh machine: install, train the tiny reranker with SFT on the built-in synthetic world,
-# and print its evaluation table next to the untrained model's. About 9 minutes on a 2-core CPU (plus the install),
-# 3 of them generating the synthetic world (its tiny checkpoint is caption-pretrained first).
+# The minigmr demo on a fresh machine: install, train the tiny reranker with SFT on the built-in synthetic data
+# (generated into data/synth on first use, with its caption-pretrained tiny checkpoint), and print its evaluation
+# table next to the untrained model's. Run outputs go to runs/demo-sft/; how long it takes: docs/experiments.md.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -d .venv ] || python3 -m venv .venv

@@ -1,12 +1,12 @@
 """
 Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit the query?") with SFT,
-InfoNCE, DPO or the unified reranking loss (gmr.md §2, §6). One file, read top to bottom, nanoGPT style.
+InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6). One file, read top to bottom, nanoGPT style.
 
-To run on one process (CPU, or one GPU), e.g. the tiny synthetic demo (the world, with its caption-pretrained
-checkpoint, is generated on first use: ~3 minutes on a 2-core CPU):
+To run on one process (CPU, or one GPU), e.g. the tiny synthetic demo (the synthetic data, with its caption-
+pretrained checkpoint, is generated into data/synth on first use):
 $ python train.py --objective sft
 
-To run with DDP on 8 GPUs of one node, e.g. the paper's recipe (LoRA r=16, lr 1e-4, 16 negatives, gmr.md §3):
+To run with DDP on 8 GPUs of one node, e.g. the paper's recipe (LoRA r=16, lr 1e-4, 16 negatives, docs/gmr.md §3):
 $ torchrun --standalone --nproc_per_node 8 train.py --model Qwen2.5-VL-7B-Instruct --data train.jsonl \
       --train lora --negatives 16 --lr 1e-4 --micro-batch 1 --grad-accum 4 --epochs 1 --grad-checkpointing
 
@@ -25,8 +25,8 @@ global batch computes the same gradient (up to float summation order), and --res
 Per micro-batch of G groups: scoring.group_logits runs the G shared prefixes (system + instruction + query, incl.
 the query image) once, then the G*(1+N) documents on top of their group's prefix keys/values, the vision tower once
 per distinct image -> last position h (G*(1+N), D) -> [z_yes, z_no] = h @ [M_yes; M_no]^T in fp32 -> (G, 1+N, 2)
--> the loss (losses.py). Same maths as 1+N full prompts each (tested), ~1.7x less work on the demo; the
-(B, S, vocab) logits are never built.
+-> the loss (losses.py). Same maths as 1+N full prompts each (tested) for less work; the (B, S, vocab) logits are
+never built.
 
 What DPO means here (losses.dpo_loss): for every (query, document) the chosen answer is "yes" for the positive and
 "no" for a negative, the rejected one the other; the reference policy is the model at the start of training
@@ -35,10 +35,13 @@ pretrained, never asked yes/no) the reference's yes/no odds say nothing about re
 beta * (1 - sigmoid(beta * margin)) that fades once the model has moved ~1/beta logits away from the reference
 (losses.dpo_weight_direction).
 
-Outputs in --out (layout in minigmr/trainer.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
+Outputs in --out (layout in minigmr/train_state.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
 optimizer, RNG states, args) and merged/ (the trained model in the official Qwen2.5-VL layout with the processor
 files: loads in eval.py --model, Qwen25VL.from_pretrained and transformers).
+
+Test hooks (tests/test_train.py), environment variables rather than options: MINIGMR_TEST_STOP_AFTER_STEP=K saves
+step K and exits as if interrupted; MINIGMR_TEST_INJECT_NAN_AT_STEP=K makes step K's loss NaN.
 """
 import argparse
 import contextlib
@@ -59,7 +62,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minigmr import losses, trainer
+from minigmr import losses, train_state
 from minigmr.data import NegativeSampler, load_training_data
 from minigmr.lora import (TEXT_TARGETS, VISION_TARGETS, disable_adapters, inject_lora, lora_parameters,
                           mark_only_lora_trainable)
@@ -68,97 +71,102 @@ from minigmr.processor import Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
 
-DEMO_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
-# Per-objective peak lr for the tiny demo. Chosen when the demo checkpoint was still random-init, on the synthetic
-# world's nine-task mix (8 groups of 1+2 per step, 10 minutes): 5e-4 left the initial plateau (constant p(yes)) after
-# ~5,000 groups, 1e-3 was still on it after 9,500, 3e-4 no faster. Checked again on the caption-pretrained
-# checkpoint (sft, 2,000 steps, nDCG@10 from 0.175): 1e-3 -> 0.185, 2.5e-4 -> 0.262, 5e-4 -> 0.282 / 0.312.
-DEFAULT_LR = {"sft": 5e-4, "infonce": 5e-4, "dpo": 5e-4, "url": 5e-4}
-# Per-objective default steps (when neither --steps nor --epochs is given): the tiny demo within 10 minutes on a fresh
-# 2-core CPU, world generation (~2 min 50 s) included. Measured here: sft / infonce 2,000 steps in 5.5 minutes;
-# dpo's reference forward makes a step 1.4x dearer (2,000 steps: 7.9 minutes), so it gets 1,500.
+SYNTH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
+# Peak lr of the tiny demo, every objective: the best of the values tried (docs/experiments.md, train.py entries).
+DEMO_LR = 5e-4
+# Default steps without --steps / --epochs: the demo within minutes on a CPU; DPO's reference forward makes its
+# steps dearer, so it gets fewer.
 DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000}
 # What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
 TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
+# The test hooks of the module docstring, read here and nowhere else.
+STOP_AFTER_STEP = int(os.environ.get("MINIGMR_TEST_STOP_AFTER_STEP", 0)) or None
+INJECT_NAN_AT_STEP = int(os.environ.get("MINIGMR_TEST_INJECT_NAN_AT_STEP", 0)) or None
 
 # ----------------------------------------------------------------------------------------------------- arguments
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-a = p.add_argument
-a("--model", default=None, help="Qwen2.5-VL checkpoint folder (config.json + safetensors + tokenizer.json + "
-  "preprocessor_config.json). Default: the tiny caption-pretrained checkpoint of the synthetic world in "
-  "data/synth (generated if absent: ~3 minutes on a 2-core CPU, most of it the pretraining)")
-a("--data", default=None, help="training JSONL (minigmr/data.py format (b)). Default: the synthetic world's")
-a("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
-  help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the group's yes logits; "
-  "dpo: yes-vs-no preference against the starting model; url: unified reranking loss, any --weight with any "
-  "--direction (gmr.md §2.3)")
-a("--weight", default="sft", choices=["sft", "cl", "ones"], help="url only: weight source W (gmr.md §2.2)")
-a("--direction", default="sft", choices=["sft", "cl"], help="url only: direction source D (gmr.md §2.2)")
-a("--tau", type=float, default=None, help="url only: zero the weight of documents already learned "
-  "(positive p(yes) > 1-tau, negative p(yes) < tau), the paper's tau-mask (Table 2). Default: no mask")
-a("--temperature", type=float, default=1.0, help="InfoNCE temperature (also url with --weight cl); the paper "
-  "reports none, i.e. 1")
-a("--beta", type=float, default=0.1, help="DPO beta (Rafailov et al. and PIVOT: 0.1)")
-a("--label-smoothing", type=float, default=0.0, help="DPO conservative label smoothing eps in [0, 0.5]")
-a("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: LoRA adapters only (the paper); "
-  "lora+projector: + the patch merger; lora+vision: + the whole vision tower (as PIVOT trains it); full: every "
-  "weight, no LoRA. Default: full for the built-in tiny demo model (1.0M weights that must learn the task in "
-  "minutes on a CPU), lora when --model is given")
-a("--lora-rank", type=int, default=16, help="LoRA rank r (the paper: 16)")
-a("--lora-alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r (paper: not reported)")
-a("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: runs are deterministic)")
-a("--lora-targets", nargs="+", default=list(TEXT_TARGETS), choices=TEXT_TARGETS,
-  help="text decoder projections that get LoRA (default: all seven)")
-a("--vision-lora-targets", nargs="*", default=[], choices=VISION_TARGETS,
-  help="vision tower projections that get LoRA (default: none)")
-a("--negatives", type=int, default=2, help="negatives N per query (paper: 16; its analysis runs: 4; the default 2 "
-  "keeps the CPU demo within minutes)")
-a("--hard-ratio", type=float, default=0.5, help="share of the N negatives taken from the record's hard negatives "
-  "(the rest: random documents of the records with the same instruction); 0.5 = the paper's 1:1")
-a("--lr", type=float, default=None, help=f"peak learning rate (AdamW). Default per objective: {DEFAULT_LR} "
-  "(tiny demo; the paper uses 1e-4 with LoRA on 3B/7B)")
-a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-a("--schedule", default="cosine", choices=["cosine", "linear", "constant"], help="lr schedule after warm-up "
-  "(cosine and linear decay to 0 at the last step)")
-a("--warmup-steps", type=int, default=None, help="linear warm-up steps. Default: 5%% of the steps")
-a("--steps", type=int, default=None, help="optimizer steps (default unless --epochs is given: 2000, dpo 1500; "
-  "the tiny demo's ~5.5 minutes on a 2-core CPU, ~6 for dpo)")
-a("--epochs", type=float, default=None, help="train for this many passes over the records instead of --steps")
-a("--micro-batch", type=int, default=4, help="groups per forward pass per process (a group = 1+N prompts)")
-a("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; global batch = "
-  "micro_batch x world_size x grad_accum groups")
-a("--grad-checkpointing", action="store_true", help="recompute layer activations in backward (less memory)")
-a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="compute dtype. auto: bf16 autocast on a GPU "
-  "that supports it, fp32 on CPU (bf16 matmuls are very slow there). Losses and scores are always fp32; "
-  "trained weights are kept in fp32")
-a("--max-pixels", type=int, default=None, help="cap on image pixels (tokens = pixels / 784). Default: the "
-  "checkpoint's preprocessor_config.json")
-a("--max-length", type=int, default=3200, help="longest allowed prompt in tokens (paper: 3200). Longer prompts "
-  "stop training with an error naming the record: minigmr never truncates")
-a("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
-a("--overfit-one-batch", action="store_true", help="debugging: train on the first global batch at every step; "
-  "the loss must then go towards 0")
-a("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
-a("--out", default=None, help="output folder (default: out/<objective>)")
-a("--save-every", type=int, default=100, help="save a checkpoint every K steps (and always at the end)")
-a("--resume", action="store_true", help="continue from the latest checkpoint in --out; ends with exactly the "
-  "weights of an uninterrupted run")
-a("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
-a("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: save at step K, then exit
-a("--inject-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: make step K's loss NaN
-args = p.parse_args()
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (config.json + safetensors + "
+                    "tokenizer.json + preprocessor_config.json). Default: the synthetic data's tiny caption-"
+                    "pretrained checkpoint in data/synth (generated if absent)")
+parser.add_argument("--data", default=None, help="training JSONL (minigmr/data.py format (b)). Default: the "
+                    "synthetic data's")
+parser.add_argument("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
+                    help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the group's "
+                    "yes logits; dpo: yes-vs-no preference against the starting model; url: unified reranking "
+                    "loss, any --weight with any --direction (docs/gmr.md §2.3)")
+parser.add_argument("--weight", default="sft", choices=["sft", "cl", "ones"],
+                    help="url only: weight source W (docs/gmr.md §2.2)")
+parser.add_argument("--direction", default="sft", choices=["sft", "cl"],
+                    help="url only: direction source D (docs/gmr.md §2.2)")
+parser.add_argument("--tau", type=float, default=None, help="url only: zero the weight of documents already "
+                    "learned (positive p(yes) > 1-tau, negative p(yes) < tau), the paper's tau-mask (Table 2)")
+parser.add_argument("--temperature", type=float, default=1.0,
+                    help="InfoNCE temperature (also url with --weight cl); the paper reports none, i.e. 1")
+parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (Rafailov et al. and PIVOT: 0.1)")
+parser.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="DPO conservative label smoothing eps in [0, 0.5]")
+parser.add_argument("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: LoRA adapters "
+                    "only (the paper); lora+projector: + the patch merger; lora+vision: + the whole vision tower "
+                    "(as PIVOT trains it); full: every weight, no LoRA. Default: full for the built-in tiny demo "
+                    "model (small enough to train whole on a CPU), lora when --model is given")
+parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (the paper: 16)")
+parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r")
+parser.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="dropout on the LoRA input (0: runs are deterministic)")
+parser.add_argument("--lora-targets", nargs="+", default=list(TEXT_TARGETS), choices=TEXT_TARGETS,
+                    help="text decoder projections that get LoRA (default: all seven)")
+parser.add_argument("--vision-lora-targets", nargs="*", default=[], choices=VISION_TARGETS,
+                    help="vision tower projections that get LoRA (default: none)")
+parser.add_argument("--negatives", type=int, default=2,
+                    help="negatives N per query (paper: 16; its analysis runs: 4; 2 keeps the CPU demo short)")
+parser.add_argument("--hard-ratio", type=float, default=0.5, help="share of the N negatives drawn from the record's "
+                    "hard negatives, the rest from the same instruction's records; 0.5 = the paper's 1:1")
+parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"peak learning rate (AdamW). Default: {DEMO_LR}, "
+                    "for the tiny demo; the paper uses 1e-4 with LoRA on 3B/7B")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"],
+                    help="lr schedule after warm-up (cosine and linear decay to 0 at the last step)")
+parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps. Default: 5%% of the steps")
+parser.add_argument("--steps", type=int, default=None,
+                    help=f"optimizer steps. Default unless --epochs is given: {DEFAULT_STEPS} (the tiny demo)")
+parser.add_argument("--epochs", type=float, default=None, help="passes over the records, instead of --steps")
+parser.add_argument("--micro-batch", type=int, default=4,
+                    help="groups per forward pass per process (a group = 1+N prompts)")
+parser.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; "
+                    "global batch = micro_batch x world_size x grad_accum groups")
+parser.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute layer activations in backward (less memory)")
+parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="compute dtype. auto: bf16 "
+                    "autocast on a GPU that supports it, fp32 on CPU (bf16 matmuls are very slow there). Losses "
+                    "and scores are always fp32; trained weights are kept in fp32")
+parser.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (tokens = pixels / 784). "
+                    "Default: the checkpoint's preprocessor_config.json")
+parser.add_argument("--max-length", type=int, default=3200, help="longest allowed prompt in tokens (paper: 3200). "
+                    "Longer prompts stop training with an error naming the record: minigmr never truncates")
+parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="clip the global gradient norm to this (0: no clipping)")
+parser.add_argument("--overfit-one-batch", action="store_true",
+                    help="debugging: train on the first global batch at every step; the loss must go towards 0")
+parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
+parser.add_argument("--out", default=None, help="output folder (default: runs/<objective>)")
+parser.add_argument("--save-every", type=int, default=100,
+                    help="save a checkpoint every K steps (and always at the end)")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in --out, bit-exactly as an uninterrupted run")
+parser.add_argument("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
+args = parser.parse_args()
 
 # ----------------------------------------------------------------------------------------------------- processes
 # Under torchrun every process runs this file; RANK/LOCAL_RANK/WORLD_SIZE come from the environment (nanoGPT).
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
 else:
-    rank, local_rank, world = 0, 0, 1
+    rank, local_rank, world_size = 0, 0, 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
 master = rank == 0  # only the master process logs and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -186,28 +194,28 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------- settings
 if args.model is None or args.data is None:
     if local_rank == 0:
-        ensure_world(DEMO_WORLD)  # once per node; ensure_world is atomic, the other ranks wait
+        ensure_world(SYNTH_DIR)  # once per node; ensure_world is atomic, the other ranks wait
     barrier()
-    demo = ensure_world(DEMO_WORLD)
+    synth = ensure_world(SYNTH_DIR)
     args.train = args.train or ("full" if args.model is None else "lora")
-    args.model = args.model or demo["checkpoint"]
-    args.data = args.data or demo["train"]
+    args.model = args.model or synth["checkpoint"]
+    args.data = args.data or synth["train"]
 args.train = args.train or "lora"
 args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
-args.lr = DEFAULT_LR[args.objective] if args.lr is None else args.lr
-args.out = args.out or os.path.join("out", args.objective)
-args.world_size = world
-args.global_batch = args.micro_batch * world * args.grad_accum
+args.out = args.out or os.path.join("runs", args.objective)
+args.world_size = world_size
+args.global_batch = args.micro_batch * world_size * args.grad_accum
+G, N1 = args.micro_batch, 1 + args.negatives  # groups per micro-batch, documents per group
 records = load_training_data(args.data)
 if args.steps is not None and args.epochs is not None:
-    p.error("give --steps or --epochs, not both")
+    parser.error("give --steps or --epochs, not both")
 if args.epochs is not None:
     args.steps = math.ceil(args.epochs * len(records) / args.global_batch)
 args.steps = DEFAULT_STEPS[args.objective] if args.steps is None else args.steps
 args.warmup_steps = round(0.05 * args.steps) if args.warmup_steps is None else args.warmup_steps
 for name in ("steps", "micro_batch", "grad_accum", "save_every", "log_every", "max_length"):
     if getattr(args, name) < 1:
-        p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 torch.manual_seed(args.seed + rank)  # LoRA dropout masks differ per rank; everything else is seeded explicitly
@@ -224,11 +232,10 @@ yes_no = [processor.token_id("yes"), processor.token_id("no")]
 if lora_on:
     inject_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
                 args.vision_lora_targets, seed=args.seed)
-    for q in lora_parameters(model):
-        q.data = q.data.float()  # adapters train in fp32 even over a bf16 base (LoRALinear casts its input)
-    n_trainable = mark_only_lora_trainable(model, TRAIN_MODES[args.train])
+    for param in lora_parameters(model):
+        param.data = param.data.float()  # adapters train in fp32 even over a bf16 base (LoRALinear casts its input)
+    mark_only_lora_trainable(model, TRAIN_MODES[args.train])
 else:
-    n_trainable = sum(q.numel() for q in model.parameters())
     model.requires_grad_(True)
 model.text.gradient_checkpointing = model.vision.gradient_checkpointing = args.grad_checkpointing
 # DPO's reference policy: the starting model. With LoRA only it is the same model with the adapters switched off
@@ -236,30 +243,36 @@ model.text.gradient_checkpointing = model.vision.gradient_checkpointing = args.g
 reference = None
 if args.objective == "dpo" and args.train != "lora":
     reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
-lora_ids = {id(q) for q in lora_parameters(model)} if lora_on else set()
-trainable = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-print0(f"model {args.model}: {sum(q.numel() for q in model.parameters()):,} parameters, {n_trainable:,} trainable "
-       f"(--train {args.train}); {world} process(es) on {device}, {'bf16 autocast' if use_bf16 else 'fp32'}")
+lora_ids = {id(param) for param in lora_parameters(model)} if lora_on else set()
+trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+n_trainable = sum(param.numel() for param in trainable.values())
+print0(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {n_trainable:,} trainable "
+       f"(--train {args.train}); {world_size} process(es) on {device}, {'bf16 autocast' if use_bf16 else 'fp32'}")
 
 
 class YesNoScorer(nn.Module):
     """What DDP wraps (DDP only syncs through forward): groups -> [z_yes, z_no] (G*(1+N), 2) in fp32 at the last
     position of every (instruction, query, document) prompt, and the prompt lengths."""
 
-    def __init__(self, model, yes_no_ids):
+    def __init__(self, model, yes_no_ids, trained_vision=()):
         super().__init__()
-        self.model, self.yes_no_ids = model, yes_no_ids
+        self.model, self.yes_no_ids, self.trained_vision = model, yes_no_ids, list(trained_vision)
 
     def forward(self, groups):
         chats = [(r.instruction, r.query.as_input(), [d.as_input() for d in (pos, *negs)])
                  for r, pos, negs in groups]
         try:
-            return group_logits(self.model, processor, chats, self.yes_no_ids, max_length=args.max_length,
-                                return_lengths=True)
+            z, lengths = group_logits(self.model, processor, chats, self.yes_no_ids, max_length=args.max_length,
+                                      return_lengths=True)
         except PromptTooLong as e:
             raise ValueError(f"{args.data}: record {groups[e.group][0].id!r}: a prompt has {e.length} tokens > "
                              f"--max-length {args.max_length}; minigmr never truncates (that would cut image tokens "
                              "or the answer position). Raise --max-length or lower --max-pixels") from None
+        if self.trained_vision and not any("image" in x for _, query, docs in chats for x in (query, *docs)):
+            # A text-only micro-batch never runs the vision tower: tie its trained weights in with weight 0, so that
+            # every trained weight is in every graph (an exact zero gradient, no find_unused_parameters for DDP).
+            z = z + 0.0 * sum(param.sum() for param in self.trained_vision)
+        return z, lengths
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -310,16 +323,25 @@ def objective(z, z_ref):
             losses.url_weights(z, args.weight, args.tau, args.temperature))
 
 
+def all_reduce_sum(totals):
+    """{name: float} summed over the processes, in one all-reduce (on the device: nccl reduces only GPU tensors)."""
+    if not ddp:
+        return totals
+    buf = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(buf)
+    return dict(zip(totals, buf.tolist()))
+
+
 # ----------------------------------------------------------------------------------------------------- checkpoints
 def save(step):
-    """Checkpoint (minigmr/trainer.py: atomic, older ones deleted) with every process's RNG state."""
-    states = [None] * world
+    """Checkpoint (minigmr/train_state.py: atomic, older ones deleted) with every process's RNG state."""
+    states = [None] * world_size
     if ddp:
-        dist.all_gather_object(states, trainer.rng_state())  # LoRA dropout masks differ per rank
+        dist.all_gather_object(states, train_state.rng_state())  # LoRA dropout masks differ per rank
     else:
-        states[0] = trainer.rng_state()
+        states[0] = train_state.rng_state()
     if master:
-        trainer.save_checkpoint(args.out, step, model, optimizer, lora_ids, vars(args), states)
+        train_state.save_checkpoint(args.out, step, model, optimizer, lora_ids, vars(args), states)
     barrier()
     return os.path.join(args.out, f"step-{step:06d}")
 
@@ -336,28 +358,27 @@ def lr_at(it):
 
 
 model.to(device)
-params = [q for _, q in trainable]
+params = list(trainable.values())
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 os.makedirs(args.out, exist_ok=True)
 log_path, start = os.path.join(args.out, "log.jsonl"), 0
-last_saved = trainer.checkpoints(args.out)[-1] if trainer.checkpoints(args.out) else None
+last_saved = (train_state.checkpoints(args.out) or [None])[-1]
 if args.resume:
     if last_saved is None:
         fail(f"--resume: no checkpoint (step-NNNNNN folder) in {args.out}")
-    state = trainer.read_state(last_saved)
+    state = train_state.read_state(last_saved)
     # settings that change the trajectory must match; how the global batch is split over processes need not
-    free = {"resume", "stop_after_step", "inject_nan_at_step", "save_every", "log_every", "out", "micro_batch",
-            "grad_accum", "world_size", "grad_checkpointing"}
+    free = {"resume", "save_every", "log_every", "out", "micro_batch", "grad_accum", "world_size", "grad_checkpointing"}
     changed = {k: (v, vars(args).get(k)) for k, v in state["args"].items() if k not in free and vars(args).get(k) != v}
     if changed:
         fail(f"--resume from {last_saved}: settings differ from the checkpoint's (saved, now): {changed}; "
              "use a new --out to train with other settings")
-    trainer.load_checkpoint(last_saved, model, optimizer, lora_ids)
-    if state["args"]["world_size"] == world:
-        trainer.set_rng_state(state["rng"][rank])
+    train_state.load_checkpoint(last_saved, model, optimizer, lora_ids)
+    if state["args"]["world_size"] == world_size:
+        train_state.set_rng_state(state["rng"][rank])
     else:
-        print0(f"--resume: {state['args']['world_size']} -> {world} processes: RNG states not restored (only LoRA "
-               "dropout uses them)")
+        print0(f"--resume: {state['args']['world_size']} -> {world_size} processes: RNG states not restored (only "
+               "LoRA dropout uses them)")
     start = state["step"]
     print0(f"resumed from {last_saved} (step {start})")
 elif last_saved is not None:
@@ -369,28 +390,38 @@ if master:  # keep the log lines of the steps the checkpoint contains, drop any 
             kept = [line for line in f if json.loads(line)["step"] <= start]
     with open(log_path, "w") as f:
         f.writelines(kept)
-scorer = YesNoScorer(model, yes_no)
-# Vision weights get no gradient from a text-only micro-batch, so DDP must look for unused parameters then; the
-# model checkpoints layers with use_reentrant=False, which is what makes this safe with gradient checkpointing.
-find_unused = any(n.startswith("vision.") for n, _ in trainable)
-ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None,
-                 find_unused_parameters=find_unused) if ddp else scorer
-ref_scorer = YesNoScorer(reference, yes_no) if reference is not None else None
+scorer = YesNoScorer(model, yes_no, [param for name, param in trainable.items() if name.startswith("vision.")])
+ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else scorer
+ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
+
+
+def reference_logits(batch):
+    """DPO's reference z (G, 1+N, 2): the frozen copy or, with LoRA only, the model with its adapters off."""
+    with torch.no_grad(), autocast, disable_adapters(model) if reference is None else contextlib.nullcontext():
+        return ref_scorer(batch)[0].reshape(G, N1, 2)
+
+
+def check_finite(step, what, value, where):
+    if not math.isfinite(value):
+        fail(f"step {step}: non-finite {what} {value} (check: {where}, before the optimizer step). Nothing was "
+             f"updated or saved for this step; last good checkpoint: {last_saved or 'none (none written yet)'}")
+
 
 # ----------------------------------------------------------------------------------------------------- training
 print0(f"{len(records):,} records, {args.negatives} negatives, global batch {args.global_batch} groups "
-       f"({args.micro_batch} x {world} processes x {args.grad_accum} accumulation), {args.steps} steps")
+       f"({args.micro_batch} x {world_size} processes x {args.grad_accum} accumulation), {args.steps} steps")
 model.train()
-G, N1 = args.micro_batch, 1 + args.negatives
+# url's loss value is a surrogate (only its gradient means something: losses.url_loss): show the SFT loss instead
+shown = "sft_loss" if args.objective == "url" else "loss"
 bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=not master, desc=args.objective)
 for step in bar:
     t0 = time.time()
     lr = lr_at(step - 1)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
     groups = global_batch(0 if args.overfit_one_batch else step - 1)
     mine = groups[rank * G * args.grad_accum:(rank + 1) * G * args.grad_accum]  # this rank's slice
-    stats = torch.zeros(7, dtype=torch.float64)  # loss*G, sft_loss*G, groups, W+ sum, W- sum, negatives, tokens
+    totals = dict.fromkeys(("loss", "sft_loss", "w_pos", "w_neg", "tokens"), 0.0)  # summed over micro-batches
     for micro in range(args.grad_accum):
         batch = mine[micro * G:(micro + 1) * G]
         last = micro == args.grad_accum - 1
@@ -399,62 +430,42 @@ for step in bar:
             with autocast:
                 z, lengths = ddp_scorer(batch)
                 z = z.reshape(G, N1, 2)  # (G*(1+N), 2) -> (G, 1+N, 2)
-            n_tokens = sum(lengths)
-            z_ref = None
-            if args.objective == "dpo":
-                with torch.no_grad(), autocast:
-                    if reference is None:
-                        with disable_adapters(model):
-                            z_ref = scorer(batch)[0].reshape(G, N1, 2)
-                    else:
-                        z_ref = ref_scorer(batch)[0].reshape(G, N1, 2)
-            loss, w = objective(z, z_ref)
-            if args.inject_nan_at_step == step:
+            loss, w = objective(z, reference_logits(batch) if args.objective == "dpo" else None)
+            if INJECT_NAN_AT_STEP == step:
                 loss = loss * float("nan")
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean
-        with torch.no_grad():
-            sft = losses.sft_loss(z.detach())  # one loss every objective is comparable on
-        stats += torch.tensor([loss.item() * G, sft.item() * G, G, w[:, 0].sum().item(), w[:, 1:].sum().item(),
-                               w[:, 1:].numel(), n_tokens], dtype=torch.float64)
-    if ddp:
-        dist.all_reduce(stats)
-    loss_value = stats[0].item() / stats[2].item()
-    if not math.isfinite(loss_value):
-        fail(f"step {step}: non-finite loss {loss_value} (check: {args.objective} loss of the global batch, before "
-             f"the optimizer step). Nothing was updated or saved for this step; last good checkpoint: "
-             f"{last_saved or 'none (no checkpoint was written yet)'}")
-    for q in params:  # a weight unused by every micro-batch gets an explicit zero gradient, as DDP gives it,
-        if q.grad is None:  # so that AdamW treats 1 process and N processes alike (and its moments decay)
-            q.grad = torch.zeros_like(q)
+        # the SFT loss is logged for every objective: the one value they are all comparable on
+        micro_stats = {"loss": loss.item(), "sft_loss": losses.sft_loss(z.detach()).item(), **losses.weight_stats(w),
+                       "tokens": sum(lengths)}
+        for k, v in micro_stats.items():
+            totals[k] += v
+    totals = all_reduce_sum(totals)
+    # every micro-batch holds G groups, so the mean of the micro-batch means is the mean over the global batch
+    means = {k: totals[k] / (args.grad_accum * world_size) for k in ("loss", "sft_loss", "w_pos", "w_neg")}
+    check_finite(step, "loss", means["loss"], f"{args.objective} loss of the global batch")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
-    if not math.isfinite(grad_norm):
-        fail(f"step {step}: non-finite gradient norm {grad_norm} with finite loss {loss_value:.6g} (check: global "
-             f"gradient norm, before the optimizer step). Nothing was updated or saved for this step; last good "
-             f"checkpoint: {last_saved or 'none (no checkpoint was written yet)'}")
+    check_finite(step, "gradient norm", grad_norm, f"global gradient norm, with finite loss {means['loss']:.6g}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dt = time.time() - t0
     if master and step % args.log_every == 0:
-        n = stats[5].item()
-        line = {"step": step, "loss": loss_value, "sft_loss": stats[1].item() / stats[2].item(),
-                "w_pos": stats[3].item() / stats[2].item(), "w_neg": stats[4].item() / n if n else float("nan"),
-                "lr": lr, "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt,
-                "tokens_per_s": stats[6].item() / dt}
+        line = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt,
+                "tokens_per_s": totals["tokens"] / dt}
         with open(log_path, "a") as f:
             f.write(json.dumps(line) + "\n")
-        bar.set_postfix(loss=f"{loss_value:.4f}", w_pos=f"{line['w_pos']:.3f}", lr=f"{lr:.2e}")
-    if step % args.save_every == 0 or step == args.steps or step == args.stop_after_step:
+        bar.set_postfix({shown: f"{line[shown]:.4f}", "w_pos": f"{line['w_pos']:.3f}", "lr": f"{lr:.2e}"})
+    if step % args.save_every == 0 or step == args.steps or step == STOP_AFTER_STEP:
         last_saved = save(step)
-    if step == args.stop_after_step:
-        print0(f"stopped after step {step} (--stop-after-step); continue with --resume")
+    if step == STOP_AFTER_STEP:
+        print0(f"stopped after step {step} (MINIGMR_TEST_STOP_AFTER_STEP); continue with --resume")
         break
 bar.close()
 
-if args.stop_after_step is None or args.stop_after_step >= args.steps:
+if STOP_AFTER_STEP is None or STOP_AFTER_STEP >= args.steps:
     if master:
         # InfoNCE (and the unified loss with the CL direction) only shapes z_yes: such a model ranks by z_yes
         score = "cl" if args.objective == "infonce" or (args.objective == "url" and args.direction == "cl") else "sft"
-        print0(f"merged model written to {trainer.export_merged(model, args.out, args.model, score)} "
+        print0(f"merged model written to {train_state.export_merged(model, args.out, args.model, score)} "
                f"(read with the {score} score)")
     barrier()
 if ddp:

@@ -1,6 +1,6 @@
 """Reranking losses side by side: SFT, InfoNCE (CL) and DPO, and their weight/direction view.
 
-Setting (GMR, arXiv 2510.14824; notes in gmr.md §1.2, §2). A pointwise reranker reads the hidden state
+Setting (GMR, arXiv 2510.14824; docs/gmr.md §1.2, §2). A pointwise reranker reads the hidden state
 h (D,) at the last prompt position of (instruction, query, document) and scores it with two LM-head rows,
 M_y ("yes") and M_n ("no"):  z_y = M_y . h,  z_n = M_n . h.  Training never builds the (B, S, vocab)
 logits: `yes_no_logits` computes only these two columns, as h @ [M_y; M_n]^T.
@@ -10,13 +10,15 @@ the positive d+, documents 1..N are the negatives d-_i. Grouped logits are (G, 1
 [z_y, z_n]; every function here also accepts the flat (G*(1+N), 2) tensor plus `group_size=1+N`.
 
 Objectives. Each one sums over the documents of a group and takes the MEAN OVER THE G GROUPS.
-  SFT      yes/no cross-entropy per document               gmr.md §2.1 L_SFT
-  InfoNCE  -log softmax of the group's z_y at the positive  gmr.md §2.1 L_CL
+  SFT      yes/no cross-entropy per document               docs/gmr.md §2.1 L_SFT
+  InfoNCE  -log softmax of the group's z_y at the positive  docs/gmr.md §2.1 L_CL
   DPO      chosen "yes" / rejected "no" (swapped for negatives) against a frozen reference model
-           (Rafailov et al. 2023, arXiv 2305.18290; the sigmoid loss PIVOT arXiv 2510.16333 trains with; gmr.md §6)
+           (Rafailov et al. 2023, arXiv 2305.18290; the sigmoid loss PIVOT arXiv 2510.16333 trains with;
+           docs/gmr.md §6)
 
-Weight/direction view (gmr.md §2.2, minigmr's equations (R1)-(R4)). For each objective the gradient with
-respect to one document's hidden state is a scalar weight times a fixed LM-head direction:
+Weight/direction view (docs/gmr.md §2.2; equations (R1)-(R4) are labelled in the table below). For each
+objective the gradient with respect to one document's hidden state is a scalar weight times a fixed LM-head
+direction:
 
     dL/dh_{g,j} = -(1/G) * W_{g,j} * D_{g,j},        D_{g,j} = c_y * M_y + c_n * M_n
 
@@ -31,25 +33,28 @@ where. The `*_weight_direction` functions return W (G, 1+N) and the coefficients
   DPO       beta (1 - eps - sigmoid(beta m)) M_y - M_n   same formula, own m           M_n - M_y
   (Z = sum over the group of e^{z_y}; CL with temperature T: z_y -> z_y / T and W gets a factor 1/T.)
 
-The Unified Reranking Loss (`url_loss`, gmr.md §2.3) recombines any weight with any direction; its
-four cells and the all-ones / tau-mask weights are the paper's probes (Tables 1 and 2, gmr.md §2.4).
+The Unified Reranking Loss (`url_loss`, docs/gmr.md §2.3) recombines any weight with any direction; its
+four cells and the all-ones / tau-mask weights are the paper's probes (arXiv 2510.14824 Tables 1 and 2,
+docs/gmr.md §2.4).
 
 Precision: everything is computed in at least fp32 whatever the model dtype (bf16/fp16 are upcast; fp64
-stays fp64, which lets the tests check gradients to 1e-10). gmr.md §2.4: W_CL can be tiny and vanishes in bf16.
+stays fp64, which lets the tests check gradients to 1e-10). docs/gmr.md §2.4: W_CL can be tiny and
+vanishes in bf16.
 """
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 YES, NO = 0, 1  # positions of z_y and z_n on the last axis of every logits tensor in this file
 
 
-def _fp32(x):
+def _fp32(x: Tensor) -> Tensor:
     """Upcast to at least fp32: bf16/fp16 -> fp32, fp32 and fp64 unchanged."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _grouped(logits, group_size=None, name="logits", min_docs=1):
+def _grouped(logits: Tensor, group_size: int | None = None, name: str = "logits", min_docs: int = 1) -> Tensor:
     """Return fp32 logits (G, 1+N, 2) from (G, 1+N, 2) or from flat (G*(1+N), 2) with group_size=1+N."""
     shape = tuple(logits.shape)
     if logits.ndim not in (2, 3) or shape[-1] != 2:
@@ -57,7 +62,7 @@ def _grouped(logits, group_size=None, name="logits", min_docs=1):
     if logits.ndim == 2:
         if group_size is None or group_size < 1 or shape[0] % group_size != 0:
             raise ValueError(f"{name}: flat logits {shape} need group_size=1+N dividing {shape[0]}, got {group_size}")
-        logits = logits.reshape(-1, group_size, 2)  # (G, 1+N, 2)
+        logits = logits.reshape(-1, group_size, 2)  # (G*(1+N), 2) -> (G, 1+N, 2)
     elif group_size is not None and shape[1] != group_size:
         raise ValueError(f"{name}: got groups of {shape[1]} documents {shape} but group_size={group_size}")
     if logits.shape[0] < 1 or logits.shape[1] < min_docs:
@@ -65,16 +70,22 @@ def _grouped(logits, group_size=None, name="logits", min_docs=1):
     return _fp32(logits)
 
 
-def _signs(z):
+def _signs(z: Tensor) -> Tensor:
     """(G, 1+N) +1 for the positive (document 0), -1 for the negatives; z is (G, 1+N, ...)."""
     s = torch.ones(z.shape[:2], dtype=z.dtype, device=z.device)
     s[:, 1:] = -1
     return s
 
 
-# ----------------------------------------------------------------------------- scores (gmr.md §1.2)
+def _check_pair(logits: Tensor) -> Tensor:
+    if logits.shape[-1] != 2:
+        raise ValueError(f"expected [..., 2] = [z_yes, z_no] logits, got {tuple(logits.shape)}")
+    return _fp32(logits)
 
-def yes_no_logits(h, head):
+
+# ----------------------------------------------------------------------------- scores (docs/gmr.md §1.2)
+
+def yes_no_logits(h: Tensor, head: Tensor) -> Tensor:
     """[z_yes, z_no] = h @ head^T in fp32, with head = stack([M_yes, M_no]) (2, D) and h (..., D) -> (..., 2).
 
     Both operands are upcast (bf16 -> fp32, fp64 kept), so no logit is ever rounded to the model dtype.
@@ -85,27 +96,23 @@ def yes_no_logits(h, head):
     return h.to(dt) @ head.to(dt).T  # (..., D) @ (D, 2) -> (..., 2)
 
 
-def sft_score(logits):
+def sft_score(logits: Tensor) -> Tensor:
     """s_SFT = e^{z_y} / (e^{z_y} + e^{z_n}) = p(yes), a softmax over the two label tokens only. (..., 2) -> (...)
 
-    This is the score the released lychee-rerank-mm checkpoint is read with (gmr.md §1.2).
+    This is the score the released lychee-rerank-mm checkpoint is read with (docs/gmr.md §1.2).
     """
-    if logits.shape[-1] != 2:
-        raise ValueError(f"expected [..., 2] = [z_yes, z_no] logits, got {tuple(logits.shape)}")
-    return torch.softmax(_fp32(logits), dim=-1)[..., YES]
+    return torch.softmax(_check_pair(logits), dim=-1)[..., YES]
 
 
-def cl_score(logits):
-    """s_CL = z_y, the raw "yes" logit (the score InfoNCE ranks with, gmr.md §1.2). (..., 2) -> (...)"""
-    if logits.shape[-1] != 2:
-        raise ValueError(f"expected [..., 2] = [z_yes, z_no] logits, got {tuple(logits.shape)}")
-    return _fp32(logits)[..., YES]
+def cl_score(logits: Tensor) -> Tensor:
+    """s_CL = z_y, the raw "yes" logit (the score InfoNCE ranks with, docs/gmr.md §1.2). (..., 2) -> (...)"""
+    return _check_pair(logits)[..., YES]
 
 
 # ----------------------------------------------------------------------------- the three objectives
 
-def sft_loss(logits, group_size=None):
-    """SFT: yes/no next-token cross-entropy for every document (gmr.md §2.1), label "yes" for d+, "no" for d-.
+def sft_loss(logits: Tensor, group_size: int | None = None) -> Tensor:
+    """SFT: yes/no next-token cross-entropy for every document (docs/gmr.md §2.1), "yes" for d+, "no" for d-.
 
         L_SFT = mean_g [ -log p(yes | d+) - sum_{i=1..N} log p(no | d-_i) ],   p = softmax over [z_y, z_n]
 
@@ -118,13 +125,13 @@ def sft_loss(logits, group_size=None):
     return -(logp[:, 0, YES] + logp[:, 1:, NO].sum(dim=1)).mean()
 
 
-def infonce_loss(logits, temperature=1.0, group_size=None):
-    """InfoNCE / CL: pick the positive out of its group by the "yes" logit (gmr.md §2.1).
+def infonce_loss(logits: Tensor, temperature: float = 1.0, group_size: int | None = None) -> Tensor:
+    """InfoNCE / CL: pick the positive out of its group by the "yes" logit (docs/gmr.md §2.1).
 
         L_CL = mean_g [ -log( e^{z_y(d+)/T} / (e^{z_y(d+)/T} + sum_i e^{z_y(d-_i)/T}) ) ]
 
     In words: a (1+N)-way softmax over the group's CL scores, cross-entropy at the positive, mean over groups.
-    The paper reports no temperature (gmr.md §7), so T = 1 is the faithful default.
+    The paper reports no temperature (docs/gmr.md §7), so T = 1 is the faithful default.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -132,101 +139,54 @@ def infonce_loss(logits, temperature=1.0, group_size=None):
     return -torch.log_softmax(z[..., YES] / temperature, dim=1)[:, 0].mean()
 
 
-def _check_dpo(beta, label_smoothing):
+def _dpo_margin(policy_logits: Tensor, ref_logits: Tensor, beta: float, label_smoothing: float,
+                group_size: int | None) -> Tensor:
+    """m_j = s_j [(z_y - z_n)(d_j) - (z_y - z_n)_ref(d_j)] (G, 1+N), s_j = +1 for d+, -1 for d-: the chosen
+    minus rejected log-prob over {yes, no} (log p(yes) - log p(no) = z_y - z_n), policy minus reference."""
     if beta <= 0 or not 0 <= label_smoothing <= 0.5:
         raise ValueError(f"need beta > 0 and 0 <= label_smoothing <= 0.5, got {beta=}, {label_smoothing=}")
-
-
-def _dpo_pair_loss(margin, beta, label_smoothing):
-    """Sigmoid DPO loss per pair, with conservative label smoothing eps (torchtune DPOLoss / TRL "sigmoid"):
-    -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)."""
-    _check_dpo(beta, label_smoothing)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
-
-
-def dpo_loss_from_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                        beta=0.1, label_smoothing=0.0):
-    """DPO on whole responses (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), each input (P,) for P pairs.
-
-        m = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
-        L = mean_pairs [ -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m) ]
-
-    In words: raise the policy's chosen-over-rejected log-ratio above the reference's. eps > 0 is the
-    conservative DPO of TRL/torchtune (labels flipped with probability eps). Mirrors torchtune
-    rlhf/loss/dpo.py DPOLoss; PIVOT (arXiv 2510.16333) trains with beta = 0.1, eps = 0. Reduction: mean over
-    pairs (each pair is its own group). Get the log-probs from `sequence_logps`; the reference is detached.
-    """
-    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    pc, pr, rc, rr = (_fp32(t) for t in logps)
-    if not pc.shape == pr.shape == rc.shape == rr.shape:
-        raise ValueError(f"log-prob shapes differ: {[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
-    margin = (pc - pr) - (rc - rr).detach()  # (P,)
-    return _dpo_pair_loss(margin, beta, label_smoothing).mean()
-
-
-def sequence_logps(logits, labels, ignore_index=-100):
-    """log pi(y|x) = sum_t log p(y_t | x, y_<t): summed token log-probs of each response, in fp32. -> (B,)
-
-    logits (B, S, V) and labels (B, S) are aligned like a HF causal LM batch (labels = input_ids with the
-    prompt and padding set to ignore_index); position t predicts token t+1, so we shift by one, as TRL
-    get_batch_logps and torchtune get_batch_log_probs do.
-    """
-    if logits.ndim != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits (B, S, V) and labels (B, S) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
-    logits, labels = _fp32(logits[:, :-1]), labels[:, 1:]  # (B, S-1, V), (B, S-1)
-    mask = labels != ignore_index
-    tok = logits.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # (B, S-1)
-    return ((tok - logits.logsumexp(dim=-1)) * mask).sum(dim=-1)
-
-
-def _chosen_rejected_logps(z):
-    """One-token responses: chosen "yes" / rejected "no" for d+, swapped for d-. z (G, 1+N, 2) -> 2 x (G, 1+N)."""
-    logp = torch.log_softmax(z, dim=-1)  # (G, 1+N, 2) log-probs over the answer pair {yes, no}
-    pos = _signs(z) > 0  # (G, 1+N)
-    return torch.where(pos, logp[..., YES], logp[..., NO]), torch.where(pos, logp[..., NO], logp[..., YES])
-
-
-def _dpo_margin(policy_logits, ref_logits, group_size):
     pol = _grouped(policy_logits, group_size, "policy_logits")
     ref = _grouped(ref_logits, group_size, "ref_logits").detach()
     if pol.shape != ref.shape:
         raise ValueError(f"policy_logits {tuple(pol.shape)} and ref_logits {tuple(ref.shape)} differ")
-    (pc, pr), (rc, rr) = _chosen_rejected_logps(pol), _chosen_rejected_logps(ref)
-    return (pc - pr) - (rc - rr)  # (G, 1+N)
+    return _signs(pol) * ((pol[..., YES] - pol[..., NO]) - (ref[..., YES] - ref[..., NO]))
 
 
-def dpo_loss(policy_logits, ref_logits, beta=0.1, label_smoothing=0.0, group_size=None):
+def dpo_loss(policy_logits: Tensor, ref_logits: Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             group_size: int | None = None) -> Tensor:
     """DPO for reranking: the answer to "(ins, q, d) relevant?" is one token, chosen "yes" and rejected "no"
-    for the positive, swapped for the negatives (the reranking reading of gmr.md §6).
+    for the positive, swapped for the negatives (the reranking reading of docs/gmr.md §6).
 
         m_j = s_j [ (z_y - z_n)(d_j) - (z_y - z_n)_ref(d_j) ],   s_0 = +1, s_i = -1 for negatives
         L = mean_g sum_j [ -(1 - eps) log sigmoid(beta m_j) - eps log sigmoid(-beta m_j) ]
 
-    Log-probs are log-softmax over the [yes, no] pair because the answer space is the two label tokens. The
-    normaliser cancels in chosen minus rejected anyway, so this is exactly `dpo_loss_from_logps` with
-    one-token responses (full-vocab log-probs give the same m). Reduction: summed over the 1+N
-    documents (pairs) of a group, mean over groups, like `sft_loss`. ref_logits come from the frozen
-    reference (e.g. the same model with LoRA disabled) and are detached.
+    The sigmoid loss with conservative label smoothing eps of torchtune rlhf/loss/dpo.py DPOLoss (TRL
+    "sigmoid"); PIVOT trains with beta = 0.1, eps = 0. The softmax normaliser cancels in chosen minus
+    rejected, so this is sequence-level DPO (Rafailov et al. eq. 7) with one-token responses, whether the
+    log-probs are over {yes, no} or the full vocabulary (tested). Reduction: summed over the 1+N documents
+    (pairs) of a group, mean over groups, like `sft_loss`. ref_logits come from the frozen reference (e.g. the
+    model with LoRA disabled) and are detached.
     """
-    m = _dpo_margin(policy_logits, ref_logits, group_size)  # (G, 1+N)
-    return _dpo_pair_loss(m, beta, label_smoothing).sum(dim=1).mean()
+    m = _dpo_margin(policy_logits, ref_logits, beta, label_smoothing, group_size)  # (G, 1+N)
+    pair = -(1 - label_smoothing) * F.logsigmoid(beta * m) - label_smoothing * F.logsigmoid(-beta * m)
+    return pair.sum(dim=1).mean()
 
 
-# ----------------------------------------------------------------------------- weight / direction (gmr.md §2.2)
+# ----------------------------------------------------------------------------- weight / direction (docs/gmr.md §2.2)
 
-def _coef(kind, z):
+def _coef(kind: str, z: Tensor) -> Tensor:
     """(G, 1+N, 2) coefficients of D on [M_y, M_n]: D+ = (1, -1) for SFT/DPO, (1, 0) for CL; D- = -D+."""
     dplus = z.new_tensor([1.0, -1.0] if kind == "sft" else [1.0, 0.0])  # (2,)
     return _signs(z)[..., None] * dplus  # (G, 1+N, 1) * (2,) -> (G, 1+N, 2)
 
 
-def direction_vectors(coef, head):
+def direction_vectors(coef: Tensor, head: Tensor) -> Tensor:
     """Turn coefficients (G, 1+N, 2) on [M_y, M_n] into direction vectors D (G, 1+N, D) = coef @ head."""
     dt = torch.promote_types(torch.promote_types(coef.dtype, head.dtype), torch.float32)
     return coef.to(dt) @ head.to(dt)  # (G, 1+N, 2) @ (2, D) -> (G, 1+N, D)
 
 
-def sft_weight_direction(logits, group_size=None):
+def sft_weight_direction(logits: Tensor, group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """W, c for `sft_loss`, with dL/dh_{g,j} = -(1/G) W_{g,j} (c_{g,j} @ head) exactly. All W in [0, 1].
 
         W+ = e^{z_n(d+)} / (e^{z_y(d+)} + e^{z_n(d+)}) = p(no | d+),    D+ = M_y - M_n     (R3)
@@ -240,14 +200,15 @@ def sft_weight_direction(logits, group_size=None):
     return w, _coef("sft", z)
 
 
-def cl_weight_direction(logits, temperature=1.0, group_size=None):
+def cl_weight_direction(logits: Tensor, temperature: float = 1.0,
+                        group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """W, c for `infonce_loss`, with dL/dh_{g,j} = -(1/G) W_{g,j} (c_{g,j} @ head) exactly.
 
         W+ = sum_i e^{z_y(d-_i)/T} / Z,   D+ = M_y        (R1)
         W-_i = e^{z_y(d-_i)/T} / Z,      D- = -M_y       (R2),   Z = e^{z_y(d+)/T} + sum_i e^{z_y(d-_i)/T}
 
     times 1/T (chain rule through z/T; T = 1 gives the paper's table). In words: the weights share one softmax
-    over the whole group, so one confident positive shrinks every document's step (gmr.md §2.2).
+    over the whole group, so one confident positive shrinks every document's step (docs/gmr.md §2.2).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -258,7 +219,8 @@ def cl_weight_direction(logits, temperature=1.0, group_size=None):
     return w, _coef("cl", z)
 
 
-def dpo_weight_direction(policy_logits, ref_logits, beta=0.1, label_smoothing=0.0, group_size=None):
+def dpo_weight_direction(policy_logits: Tensor, ref_logits: Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+                         group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """W, c for `dpo_loss`, with dL/dh_{g,j} = -(1/G) W_{g,j} (c_{g,j} @ head) exactly.
 
         dl/dm = -beta [(1 - eps)(1 - sigmoid(beta m)) - eps sigmoid(beta m)] = -beta (1 - eps - sigmoid(beta m))
@@ -267,23 +229,23 @@ def dpo_weight_direction(policy_logits, ref_logits, beta=0.1, label_smoothing=0.
     In words: DPO is SFT's direction with a reference-anchored weight. With eps = 0, W is in (0, beta); with
     eps > 0, W turns negative once sigmoid(beta m) > 1 - eps: conservative DPO pulls over-confident margins back.
     """
-    _check_dpo(beta, label_smoothing)
-    m = _dpo_margin(policy_logits, ref_logits, group_size).detach()  # (G, 1+N)
+    m = _dpo_margin(policy_logits, ref_logits, beta, label_smoothing, group_size).detach()  # (G, 1+N)
     return beta * (1 - label_smoothing - torch.sigmoid(beta * m)), _coef("sft", m)
 
 
-# ----------------------------------------------------------------------------- URL (gmr.md §2.3, §2.4)
+# ----------------------------------------------------------------------------- URL (docs/gmr.md §2.3, §2.4)
 
-def url_weights(logits, weight="sft", tau=None, temperature=1.0, group_size=None):
-    """The detached weights W (G, 1+N) `url_loss` uses (pass them to `weight_stats` for the training log).
+def url_weights(logits: Tensor, weight: str | Tensor = "sft", tau: float | None = None, temperature: float = 1.0,
+                group_size: int | None = None) -> Tensor:
+    """The detached weights W (G, 1+N) `url_loss` uses.
 
     weight: "sft" (R3, R4), "cl" (R1, R2, with temperature), "ones" (W_base = 1, paper Table 2), or a tensor
     (G, 1+N), e.g. the W of `dpo_weight_direction`. tau (optional) then zeroes the weight of documents already
     learned: a positive with s_SFT(d+) > 1 - tau, a negative with s_SFT(d-) < tau. s is the SFT score p(yes)
-    because tau is a probability threshold. The paper uses the mask with "ones"; its tau value was not found.
+    because tau is a probability threshold. The paper uses the mask with "ones"; it does not state its tau.
     """
     z = _grouped(logits, group_size).detach()  # (G, 1+N, 2)
-    if isinstance(weight, torch.Tensor):
+    if isinstance(weight, Tensor):
         if weight.shape != z.shape[:2]:
             raise ValueError(f"weight tensor must be (G, 1+N) = {tuple(z.shape[:2])}, got {tuple(weight.shape)}")
         w = _fp32(weight.detach())
@@ -304,8 +266,9 @@ def url_weights(logits, weight="sft", tau=None, temperature=1.0, group_size=None
     return w
 
 
-def url_loss(logits, weight="sft", direction="sft", tau=None, temperature=1.0, group_size=None):
-    """Unified Reranking Loss: any weight W (see `url_weights`) with any direction (gmr.md §2.3 recipe).
+def url_loss(logits: Tensor, weight: str | Tensor = "sft", direction: str = "sft", tau: float | None = None,
+             temperature: float = 1.0, group_size: int | None = None) -> Tensor:
+    """Unified Reranking Loss: any weight W (see `url_weights`) with any direction (docs/gmr.md §2.3 recipe).
 
         L_URL = mean_g [ -sg(W+) u(h+) + sum_i sg(W-_i) u(h-_i) ],   u_SFT = z_y - z_n,  u_CL = z_y
 
@@ -325,6 +288,6 @@ def url_loss(logits, weight="sft", direction="sft", tau=None, temperature=1.0, g
     return (-_signs(z) * w * u).sum(dim=1).mean()
 
 
-def weight_stats(w):
-    """Training-log diagnostics of a weight tensor (G, 1+N): {"w_pos": mean W+, "w_neg": mean W-}."""
+def weight_stats(w: Tensor) -> dict[str, float]:
+    """The training log's view of a weight tensor W (G, 1+N): {"w_pos": mean W+, "w_neg": mean W-}."""
     return {"w_pos": w[:, 0].mean().item(), "w_neg": w[:, 1:].mean().item() if w.shape[1] > 1 else float("nan")}

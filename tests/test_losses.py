@@ -1,6 +1,7 @@
 """Tests for minigmr/losses.py: loss values against formulas written out here, and the weight/direction
 decomposition against autograd (fp64, tolerance 1e-10). Expected gradients are built from the paper's
-closed forms (gmr.md (R1)-(R4), DPO derivative) directly, not from minigmr."""
+closed forms ((R1)-(R4) of losses.py, docs/gmr.md §2.2; the DPO derivative) directly, not from minigmr.
+Sequence-level DPO, the reference the reranking DPO is checked against, is written out here too."""
 
 import math
 
@@ -29,6 +30,22 @@ def _grad(loss, h):
 def _expected_grad(w, d):
     """dL/dh = -(1/G) W D, flattened back to (G*(1+N), DH)."""
     return (-(w[..., None] * d) / G).reshape(G * (1 + N), DH)
+
+
+def dpo_loss_from_logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1, label_smoothing=0.0):
+    """DPO on whole responses (Rafailov et al. 2023, arXiv 2305.18290, eq. 7; torchtune DPOLoss), inputs (P,):
+    mean over pairs of -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)."""
+    m = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # (P,)
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * m) - label_smoothing * F.logsigmoid(-beta * m)).mean()
+
+
+def sequence_logps(logits, labels, ignore_index=-100):
+    """log pi(y|x) = sum_t log p(y_t | x, y_<t), (B, S, V) logits and (B, S) HF-style labels -> (B,) in fp32:
+    position t predicts token t+1 (TRL get_batch_logps, torchtune get_batch_log_probs)."""
+    logits, labels = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:]
+    mask = labels != ignore_index
+    tok = logits.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)  # (B, S-1)
+    return ((tok - logits.logsumexp(dim=-1)) * mask).sum(dim=-1)
 
 
 def _paper_wd(kind, z, head, temperature=1.0, ref=None, beta=0.1, eps=0.0):
@@ -155,7 +172,7 @@ def test_dpo_formula(eps):
     log2 = torch.tensor(math.log(2), dtype=torch.float64)
     torch.testing.assert_close(L.dpo_loss(z, z, label_smoothing=eps), (1 + N) * log2, **TIGHT)
     x = torch.randn(7, dtype=torch.float64)
-    torch.testing.assert_close(L.dpo_loss_from_logps(x, x.flip(0), x, x.flip(0), 0.1, eps), log2, **TIGHT)
+    torch.testing.assert_close(dpo_loss_from_logps(x, x.flip(0), x, x.flip(0), 0.1, eps), log2, **TIGHT)
 
 
 def test_rerank_dpo_is_sequence_dpo_with_one_token_responses():
@@ -166,8 +183,8 @@ def test_rerank_dpo_is_sequence_dpo_with_one_token_responses():
     chosen = torch.where(is_pos, yes_id, no_id)
     rejected = torch.where(is_pos, no_id, yes_id)
     lab = lambda tok: torch.stack([torch.full_like(tok, -100), tok], 1)  # (B, 2): prompt masked, one answer token
-    logps = [L.sequence_logps(full, lab(tok)) for full in (pol_full, ref_full) for tok in (chosen, rejected)]
-    seq = L.dpo_loss_from_logps(*logps, beta=0.2, label_smoothing=0.1)  # (policy c, policy r, ref c, ref r)
+    logps = [sequence_logps(full, lab(tok)) for full in (pol_full, ref_full) for tok in (chosen, rejected)]
+    seq = dpo_loss_from_logps(*logps, beta=0.2, label_smoothing=0.1)  # (policy c, policy r, ref c, ref r)
     yn = [yes_id, no_id]
     rerank = L.dpo_loss(pol_full[:, 0, yn], ref_full[:, 0, yn], 0.2, 0.1, group_size=1 + N)
     torch.testing.assert_close(rerank, (1 + N) * seq, **TIGHT)  # sum over 1+N pairs vs mean over pairs
@@ -186,8 +203,8 @@ def test_sequence_logps_hand_loop():
             if labels[b, t] != -100:
                 row = logits[b, t - 1]
                 expect[b] += row[labels[b, t]] - math.log(sum(math.exp(v) for v in row.tolist()))
-    torch.testing.assert_close(L.sequence_logps(logits, labels), expect, **TIGHT)
-    assert L.sequence_logps(logits.bfloat16(), labels).dtype == torch.float32
+    torch.testing.assert_close(sequence_logps(logits, labels), expect, **TIGHT)
+    assert sequence_logps(logits.bfloat16(), labels).dtype == torch.float32
 
 
 def test_bad_input_raises():

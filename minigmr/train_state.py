@@ -1,4 +1,4 @@
-"""The file plumbing of a training run (train.py): checkpoint folders, RNG states, and the merged export.
+"""What a training run (train.py) keeps on disk: checkpoint folders, RNG states, and the merged export.
 
 A run folder holds log.jsonl, the latest checkpoint and, at the end, merged/:
 
@@ -34,7 +34,7 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "chat_template.json", "chat_template.jinja", "generation_config.json")
 
 
-def checkpoints(out: str) -> list:
+def checkpoints(out: str) -> list[str]:
     """Complete checkpoint folders step-NNNNNN in `out`, oldest first."""
     if not os.path.isdir(out):
         return []
@@ -55,9 +55,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _extra_weights(model, lora_ids) -> dict:
+def _extra_weights(model, lora_ids: set) -> dict:
     """{official name: Parameter} of the trainable weights that are not LoRA A/B matrices."""
-    return {to_hf(n): q for n, q in model.named_parameters() if q.requires_grad and id(q) not in lora_ids}
+    return {to_hf(name): param for name, param in model.named_parameters()
+            if param.requires_grad and id(param) not in lora_ids}
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, lora_ids: set, args: dict, rng_states: list) -> str:
@@ -68,14 +69,14 @@ def save_checkpoint(out: str, step: int, model, optimizer, lora_ids: set, args: 
     os.makedirs(tmp)
     if lora_ids:
         save_adapter(model, os.path.join(tmp, "adapter"), extra_config={"base_model_name_or_path": args["model"]})
-    extra = {k: q.detach().float().cpu().contiguous() for k, q in _extra_weights(model, lora_ids).items()}
+    extra = {k: param.detach().float().cpu().contiguous() for k, param in _extra_weights(model, lora_ids).items()}
     if extra:
         save_file(extra, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({"step": step, "args": args, "rng": rng_states}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(args, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a resumed --stop-after-step run)
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a run resumed after a test-hook stop)
     os.replace(tmp, final)
     for old in checkpoints(out):
         if old != final:
@@ -100,8 +101,8 @@ def load_checkpoint(path: str, model, optimizer, lora_ids: set) -> None:
                 raise ValueError(f"{path}/trainable.safetensors does not hold this run's trainable weights; "
                                  f"differing names: {sorted(set(f.keys()) ^ set(want))[:5]}")
             with torch.no_grad():
-                for key, q in want.items():
-                    q.copy_(f.get_tensor(key))
+                for key, param in want.items():
+                    param.copy_(f.get_tensor(key))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
 
 
