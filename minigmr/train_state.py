@@ -3,7 +3,7 @@
 A run folder holds log.jsonl, the latest checkpoint and, at the end, merged/:
 
     step-000100/
-      adapter/                  the LoRA adapter in peft format (lora.save_adapter), if LoRA trains
+      adapter/                  the LoRA adapter in peft format (peft_io.save_adapter), if LoRA trains
       trainable.safetensors     every other trained weight under its official name (e.g. visual.merger.mlp.0.weight)
       optimizer.pt              AdamW state
       state.pt                  {"step", "args", "rng": [one RNG state per process]}; the lr schedule is a function
@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .lora import load_adapter, remove_lora, save_adapter
+from .lora import remove_lora
+from .peft_io import load_adapter, save_adapter
 from .scoring import SCORE_FILE
 from .weights import to_hf
 

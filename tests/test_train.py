@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigmr import lora
+from minigmr import peft_io
 from minigmr.data import load_training_data
 from minigmr.losses import yes_no_logits
 from minigmr.model import Qwen25VL
@@ -198,7 +198,7 @@ def test_merged_export_scores_like_base_plus_adapter(world, runs):
         assert os.path.exists(os.path.join(merged_dir, name)), name
     # the trained model rebuilt from the base checkpoint + the saved adapter + the saved projector
     trained = Qwen25VL.from_pretrained(world["checkpoint"])
-    lora.load_adapter(trained, os.path.join(run, "step-000004", "adapter"))
+    peft_io.load_adapter(trained, os.path.join(run, "step-000004", "adapter"))
     params = dict(trained.named_parameters())
     for k, v in load_file(os.path.join(run, "step-000004", "trainable.safetensors")).items():
         params[to_ours(k)].data.copy_(v)
