@@ -221,9 +221,7 @@ class HFRunner:
 
     def step(self, groups):
         z = self._yes_no([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs])  # (G*(1+N), 2)
-        n = len(groups[0][2])
-        labels = torch.tensor(([0] + [1] * (n - 1)) * len(groups), device=z.device)  # column 0 = yes, 1 = no
-        (torch.nn.functional.cross_entropy(z, labels, reduction="sum") / len(groups)).backward()  # = sft_loss
+        sft_loss(z, group_size=len(groups[0][2])).backward()  # the same loss maths: the models are what is compared
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return sft_score(z.detach().cpu())
