@@ -412,13 +412,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="candidates per forward, for both sides")
     p.add_argument("--quick", action="store_true", help="a quarter of the candidates in W1-W3")
     p.add_argument("--image-side", type=int, default=None,
-                   help="mean image side in pixels (default: 448; 224 with --quick; 56 with --config tiny)")
+                   help="mean image side in pixels; None: 448, 224 with --quick, 56 with --config tiny")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for both sides (default: torch's own count)")
+                   help="torch CPU threads for both sides; None: torch's own count")
     p.add_argument("--hf-length-sort", action="store_true",
                    help="let transformers sort candidates by length before batching, as minigmr does")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
-    p.add_argument("--workdir", default=None, help="where the checkpoint is written (default: a deleted temp dir)")
+    p.add_argument("--workdir", default=None, help="where the checkpoint is written; None: a temp dir, deleted afterwards")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
