@@ -1,11 +1,13 @@
-"""Tiny random transformers Qwen2.5-VL references (qwen25vl.md Appendix B.1), saved with `save_pretrained` so the
-files carry the official on-disk key names. Test-only: transformers is an oracle, never a minigmr dependency."""
+"""Tiny random transformers Qwen2.5-VL references (docs/qwen25vl.md Appendix B.1), saved with `save_pretrained` so
+the files carry the official on-disk key names. Test-only: transformers is an oracle, never a minigmr dependency.
+`hf_config_of` maps any minigmr Config to transformers' (the top-level bench.py builds its checkpoint with it)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-# special-token ids of the tiny tokenizer (official id - 151243, qwen25vl.md B.6)
+# special-token ids of the tiny tokenizer: its 22 Qwen added tokens follow 400 BPE tokens, so each is the official
+# id - 151243 (<|endoftext|> 151643 -> 400; docs/qwen25vl.md Appendix B.6)
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 412, 413, 409, 410
 
 
@@ -28,16 +30,43 @@ def tiny_hf_config(tie=False, vision_depth=2, fullatt=(1,), text_layers=2, windo
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
 
 
-def tiny_hf_model(seed=0, **kw):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**kw)).eval()
-    # random norms and biases too, so that a loader that skips them cannot pass
+def hf_config_of(cfg, special: dict):
+    """transformers' `Qwen2_5_VLConfig` of a minigmr `Config`; `special` maps special-token strings to their ids."""
+    from transformers import Qwen2_5_VLConfig
+    t, v = cfg.text, cfg.vision
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                         rms_norm_eps=t.rms_norm_eps,
+                         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
+                                          "mrope_section": list(t.mrope_section)},
+                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
+                         pad_token_id=special["<|endoftext|>"], use_sliding_window=False,
+                         max_window_layers=t.num_hidden_layers, tie_word_embeddings=t.tie_word_embeddings),
+        vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, out_hidden_size=v.out_hidden_size,
+                           num_heads=v.num_heads, intermediate_size=v.intermediate_size, patch_size=v.patch_size,
+                           spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                           window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                           in_channels=v.in_channels, hidden_act="silu", tokens_per_second=v.tokens_per_second),
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        tie_word_embeddings=t.tie_word_embeddings)
+
+
+def randomize_norms_and_biases(model):
+    """Random norms and biases too, so that a loader that skips them cannot pass (and no value is trivial)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln_q" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if not name.endswith("bias") else 0.0))
     return model
+
+
+def tiny_hf_model(seed=0, **kw):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    return randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**kw)).eval())
 
 
 def save_tiny_hf(path, seed=0, dtype=None, **kw):

