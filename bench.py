@@ -33,8 +33,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from minigmr.config import Config
 from minigmr.losses import sft_loss, sft_score
-from minigmr.lora import load_adapter, lora_parameters, mark_only_lora_trainable
+from minigmr.lora import lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
+from minigmr.peft_io import load_adapter
 from minigmr.processor import Processor
 from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages, query_messages
 from minigmr.scoring import Reranker, group_logits
