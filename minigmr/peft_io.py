@@ -19,7 +19,7 @@ import re
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .lora import LoRALinear, lora_modules, replace_module
@@ -99,9 +99,7 @@ def _read_config(directory: str):
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    with open(path) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type", "LORA") != "LORA":
+XX, "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not 'LORA'")
     on = {k: cfg.get(k) for k in NOT_PLAIN_LORA}
     on["bias"] = cfg.get("bias", "none") != "none"
@@ -130,7 +128,11 @@ def _read_pairs(directory: str):
                                     "writes safetensors by default)")
         raise FileNotFoundError(f"no adapter_model.safetensors in {directory}")
     pairs = {}
-    with safe_open(path, "pt") as f:
+    try:
+        f = safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    with f:
         for key in f.keys():
             m = _PEFT_KEY.match(key)  # also `lora_A.default.weight`, as in a raw PeftModel state_dict
             if m is None:
@@ -185,6 +187,7 @@ def load_adapter(model: nn.Module, directory: str) -> list:
         mod = modules[name]
         if not isinstance(mod, LoRALinear):
             mod = LoRALinear(mod, rank, alpha=scaling * rank, dropout=dropout)
+            mod.train(model.training)  # as peft: a model loaded for inference gets eval-mode (no dropout) layers
             replace_module(model, name, mod)
         mod.alpha, mod.scaling = scaling * rank, scaling
         with torch.no_grad():

@@ -22,10 +22,11 @@ import csv
 import os
 import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from minigmr.data import TASK_TYPES, Item, read_jsonl, write_dataset  # noqa: E402
+from minigmr.data import TASK_TYPES, Item, load_dataset, read_jsonl, write_dataset  # noqa: E402
 from minigmr.metrics import rank, read_run  # noqa: E402
 
 
@@ -44,9 +45,13 @@ def read_beir_qrels(path):
                 raise ValueError(f"{path}:{n}: expected 3 tab-separated fields, got {row}")
             qid, docid, score = (x.strip() for x in row)
             try:
-                rel = int(float(score))
+                value = float(score)
             except ValueError:
                 raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
+            if not value.is_integer():  # trec_eval's qrels hold integers: 0.5 would silently become 0
+                raise ValueError(f"{path}:{n}: score {score!r} is not an integer relevance grade; map graded "
+                                 "or fractional judgements to integers (>= 1 relevant) before converting")
+            rel = int(value)
             if docid in qrels.setdefault(qid, {}):
                 raise ValueError(f"{path}:{n}: duplicate judgement for query {qid!r} doc {docid!r}")
             qrels[qid][docid] = rel
@@ -85,12 +90,33 @@ def read_beir_items(path, keep, out_dir, is_corpus):
 
 def convert(beir_dir, run_file, out_dir, *, name, task, instruction, main_metric, split="test", top_k=100,
             source=None):
-    """Write out_dir (suite format) and return the loaded, validated Dataset."""
+    """Write out_dir (suite format) and return the loaded, validated Dataset. The dataset is built in a hidden
+    sibling folder and renamed into place at the end, so a failed conversion leaves nothing behind."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} already exists and is not an empty folder; remove it or choose another")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    try:
+        _convert(beir_dir, run_file, tmp, name=name, task=task, instruction=instruction, main_metric=main_metric,
+                 split=split, top_k=top_k, source=source)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_dataset(out_dir)
+
+
+def _convert(beir_dir, run_file, out_dir, *, name, task, instruction, main_metric, split, top_k, source):
     qrels = read_beir_qrels(os.path.join(beir_dir, "qrels", f"{split}.tsv"))
     full_run = read_run(run_file)
     run = {q: {d: full_run.get(q, {})[d] for d in rank(full_run.get(q, {}))[:top_k]} for q in qrels}
     needed_docs = {d for docs in run.values() for d in docs}
-    os.makedirs(out_dir, exist_ok=True)
     corpus = read_beir_items(os.path.join(beir_dir, "corpus.jsonl"), needed_docs, out_dir, is_corpus=True)
     missing = sorted(needed_docs - set(corpus))
     if missing:
@@ -104,8 +130,8 @@ def convert(beir_dir, run_file, out_dir, *, name, task, instruction, main_metric
     ignored = sum(q not in qrels for q in full_run)
     if ignored:
         print(f"{run_file}: {ignored} run queries are not in qrels/{split}.tsv: ignored", file=sys.stderr)
-    return write_dataset(out_dir, name=name, task=task, instruction=instruction, main_metric=main_metric,
-                         queries=queries, corpus=corpus, qrels=qrels, run=run, source=source)
+    write_dataset(out_dir, name=name, task=task, instruction=instruction, main_metric=main_metric,
+                  queries=queries, corpus=corpus, qrels=qrels, run=run, source=source)
 
 
 def main(argv=None):
@@ -121,6 +147,8 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=100, help="candidates kept per query (default 100, as MRB)")
     p.add_argument("--source", help="free-text provenance stored in meta.json (e.g. 'izhx/UMRB-OKVQA + GME-2B')")
     a = p.parse_args(argv)
+    if a.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {a.top_k}")
     ds = convert(a.beir_dir, a.run, a.out_dir, name=a.name, task=a.task, instruction=a.instruction,
                  main_metric=a.main_metric, split=a.split, top_k=a.top_k, source=a.source)
     print(f"{a.out_dir}: {len(ds.queries)} queries, {len(ds.corpus)} documents, "
