@@ -17,7 +17,7 @@ $ torchrun --nnodes 2 --node_rank 1 --master_addr 123.456.123.456 --master_port 
 
 One optimizer step sees a global batch of micro_batch x world_size x grad_accum groups; a group is one
 (instruction, query) with its positive and N negatives, i.e. 1+N prompts. The global batch of step k is a pure
-function of (--seed, k) (minigmr/train_data.py BatchSchedule), drawn identically on every rank; each rank takes its
+function of (--seed, k) (minigmr/train_data.py GlobalBatches), drawn identically on every rank; each rank takes its
 slice. So 1 process with the same global batch computes the same gradient (up to float summation order), and
 --resume continues bit-exactly.
 
@@ -63,7 +63,7 @@ from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
-from minigmr.train_data import BatchSchedule, load_training_data
+from minigmr.train_data import GlobalBatches, load_training_data
 
 SYNTH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 # Peak lr of the tiny demo, every objective: the best of the values tried (docs/experiments.md, train.py entries).
@@ -193,7 +193,7 @@ args.world_size = world_size
 args.global_batch = args.micro_batch * world_size * args.grad_accum
 G = args.micro_batch  # groups per micro-batch
 records = load_training_data(args.data)
-schedule = BatchSchedule(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
+batches = GlobalBatches(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
 if args.steps is not None and args.epochs is not None:
     parser.error("give --steps or --epochs, not both")
 if args.epochs is not None:
@@ -365,7 +365,7 @@ for step in bar:
     lr = lr_at(step - 1)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    groups = schedule.batch(0 if args.overfit_one_batch else step - 1)
+    groups = batches.at(0 if args.overfit_one_batch else step - 1)
     mine = groups[rank * G * args.grad_accum:(rank + 1) * G * args.grad_accum]  # this rank's slice
     totals = Counter()  # summed over micro-batches (Counter.update adds)
     for micro in range(args.grad_accum):

@@ -13,7 +13,7 @@ file's folder. A doc may not be both a positive and a negative of the same recor
 and the id; blank lines are ignored.
 
 A training group is one record's (instruction, query) with one positive and N negatives (NegativeSampler). The
-global batch of optimizer step k (BatchSchedule) is a pure function of (seed, k): every DDP rank draws the same one
+global batch of optimizer step k (GlobalBatches) is a pure function of (seed, k): every DDP rank draws the same one
 and takes its slice, and a resumed run draws what the uninterrupted run would have, without saving sampler state.
 """
 import functools
@@ -169,13 +169,13 @@ def seeded(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-@functools.lru_cache(maxsize=2)  # a global batch spans at most two epochs
+@functools.lru_cache(maxsize=2)  # consecutive steps draw from the same one or two epochs
 def epoch_order(seed: int, n_records: int, epoch: int) -> list[int]:
     """The order in which epoch `epoch` visits the records: a fresh seeded permutation every epoch."""
     return torch.randperm(n_records, generator=seeded(seed, "order", epoch)).tolist()
 
 
-class BatchSchedule:
+class GlobalBatches:
     """The global batch of every optimizer step: `batch_size` TrainGroups, the records in epoch_order, the
     negatives from a generator seeded by (seed, step).
 
@@ -193,7 +193,7 @@ class BatchSchedule:
         self.samplers = {ins: NegativeSampler(rs, num_negatives, hard_ratio, seed)
                          for ins, rs in by_instruction.items()}
 
-    def batch(self, step: int) -> list[TrainGroup]:
+    def at(self, step: int) -> list[TrainGroup]:
         """The global batch of 0-based optimizer step `step`."""
         rng, groups = seeded(self.seed, "negatives", step), []
         for k in range(step * self.batch_size, (step + 1) * self.batch_size):

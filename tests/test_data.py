@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from minigmr.data import TASK_GROUP, TASK_TYPES, Dataset, Item, load_dataset, load_suite, write_dataset
-from minigmr.train_data import BatchSchedule, NegativeSampler, TrainRecord, load_training_data
+from minigmr.train_data import GlobalBatches, NegativeSampler, TrainRecord, load_training_data
 
 
 def _png(path):
@@ -327,18 +327,18 @@ def test_sampler_is_deterministic():
 # ---------------------------------------------------------------- global batches
 
 
-def test_batch_schedule_is_a_pure_function_of_seed_and_step():
+def test_global_batch_is_a_pure_function_of_seed_and_step():
     other = TrainRecord("other", "other task", Item("other", "q"), [Item("o", "o")], [], [Item("oh", "oh")])
     records = _records(n_records=10) + [other]
-    schedule = lambda seed=0: BatchSchedule(records, batch_size=4, num_negatives=3, seed=seed)  # noqa: E731
+    global_batches = lambda seed=0: GlobalBatches(records, batch_size=4, num_negatives=3, seed=seed)  # noqa: E731
     ids = lambda batch: [(g.record.id, g.positive.id, [d.id for d in g.negatives]) for g in batch]  # noqa: E731
-    a, b = schedule(), schedule()
-    steps = [ids(a.batch(k)) for k in range(6)]
-    assert [ids(b.batch(k)) for k in reversed(range(6))] == steps[::-1]  # any order, any instance: the same batch
-    assert steps[0] != ids(schedule(seed=1).batch(0))
+    a, b = global_batches(), global_batches()
+    steps = [ids(a.at(k)) for k in range(6)]
+    assert [ids(b.at(k)) for k in reversed(range(6))] == steps[::-1]  # any order, any instance: the same batch
+    assert steps[0] != ids(global_batches(seed=1).at(0))
     # 11 records, 4 per step: steps 0-1 and the first 3 groups of step 2 are epoch 0, each record exactly once
     epoch0 = [g[0] for step in steps[:2] for g in step] + [g[0] for g in steps[2][:3]]
     assert sorted(epoch0) == sorted(r.id for r in records)
-    for g in a.batch(0) + a.batch(1) + a.batch(2):  # random negatives only from the same instruction's records
+    for g in a.at(0) + a.at(1) + a.at(2):  # random negatives only from the same instruction's records
         assert len(g.negatives) == 3 and all((d.id == "oh") == (g.record is other) for d in g.negatives)
 
