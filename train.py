@@ -10,30 +10,26 @@ To run with DDP on 8 GPUs of one node, e.g. the paper's recipe (LoRA r=16, lr 1e
 $ torchrun --standalone --nproc_per_node 8 train.py --model Qwen2.5-VL-7B-Instruct --data train.jsonl \
       --train lora --negatives 16 --lr 1e-4 --micro-batch 1 --grad-accum 4 --epochs 1 --grad-checkpointing
 
-To run with DDP on 2 nodes of 8 GPUs each:
-- run on the first (master) node, example IP 123.456.123.456:
+To run with DDP on 2 nodes of 8 GPUs each, on node 0 (the master, example IP 123.456.123.456) and node 1:
 $ torchrun --nnodes 2 --node_rank 0 --master_addr 123.456.123.456 --master_port 29500 --nproc_per_node 8 train.py ...
-- run on the worker node:
 $ torchrun --nnodes 2 --node_rank 1 --master_addr 123.456.123.456 --master_port 29500 --nproc_per_node 8 train.py ...
 (If your cluster does not have an Infiniband interconnect, prepend NCCL_IB_DISABLE=1.)
 
 One optimizer step sees a global batch of micro_batch x world_size x grad_accum groups; a group is one
 (instruction, query) with its positive and N negatives, i.e. 1+N prompts. The global batch of step k is a pure
-function of (--seed, k), drawn identically on every rank; each rank takes its slice. So 1 process with the same
-global batch computes the same gradient (up to float summation order), and --resume continues bit-exactly.
+function of (--seed, k) (minigmr/train_data.py GlobalBatches), drawn identically on every rank; each rank takes its
+slice. So 1 process with the same global batch computes the same gradient (up to float summation order), and
+--resume continues bit-exactly.
 
-Per micro-batch of G groups: scoring.group_logits runs the G shared prefixes (system + instruction + query, incl.
-the query image) once, then the G*(1+N) documents on top of their group's prefix keys/values, the vision tower once
-per distinct image -> last position h (G*(1+N), D) -> [z_yes, z_no] = h @ [M_yes; M_no]^T in fp32 -> (G, 1+N, 2)
--> the loss (losses.py). Same maths as 1+N full prompts each (tested) for less work; the (B, S, vocab) logits are
-never built.
+Per micro-batch of G groups, scoring.group_logits runs each group's shared prefix (system + instruction + query,
+incl. its image) once, then its 1+N documents on the prefix keys/values, the vision tower once per distinct image
+-> [z_yes, z_no] = h @ [M_yes; M_no]^T at the last position, (G, 1+N, 2) in fp32 -> the loss (losses.py): the maths
+of 1+N full prompts (tested) for less work, and the (B, S, vocab) logits are never built.
 
-What DPO means here (losses.dpo_loss): for every (query, document) the chosen answer is "yes" for the positive and
-"no" for a negative, the rejected one the other; the reference policy is the model at the start of training
-(with LoRA only: the same weights with the adapters switched off). Started from the tiny demo checkpoint (caption-
-pretrained, never asked yes/no) the reference's yes/no odds say nothing about relevance, so DPO is SFT with a weight
-beta * (1 - sigmoid(beta * margin)) that fades once the model has moved ~1/beta logits away from the reference
-(losses.dpo_weight_direction).
+What DPO means here (losses.dpo_loss): the chosen answer is "yes" for the positive and "no" for a negative; the
+reference policy is the starting model (with LoRA only: the same weights, adapters off). From the demo checkpoint,
+never asked yes/no, the reference's odds say nothing about relevance: DPO is then SFT with a weight
+beta * (1 - sigmoid(beta * margin)) that fades once the model is ~1/beta logits away (losses.dpo_weight_direction).
 
 Outputs in --out (layout in minigmr/train_state.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
@@ -46,14 +42,12 @@ step K and exits as if interrupted; MINIGMR_TEST_INJECT_NAN_AT_STEP=K makes step
 import argparse
 import contextlib
 import copy
-import functools
-import hashlib
-import json
 import math
 import os
 import random
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -63,19 +57,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minigmr import losses, train_state
-from minigmr.data import NegativeSampler, load_training_data
 from minigmr.lora import (TEXT_TARGETS, VISION_TARGETS, disable_adapters, inject_lora, lora_parameters,
                           mark_only_lora_trainable)
 from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
+from minigmr.train_data import GlobalBatches, load_training_data
 
 SYNTH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 # Peak lr of the tiny demo, every objective: the best of the values tried (docs/experiments.md, train.py entries).
 DEMO_LR = 5e-4
-# Default steps without --steps / --epochs: the demo within minutes on a CPU; DPO's reference forward makes its
-# steps dearer, so it gets fewer.
+# Default --steps: the demo within minutes on a CPU (fewer for DPO, whose reference forward makes a step dearer).
 DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000}
 # What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
 TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
@@ -88,7 +81,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (config.json + safetensors + "
                     "tokenizer.json + preprocessor_config.json). Default: the synthetic data's tiny caption-"
                     "pretrained checkpoint in data/synth (generated if absent)")
-parser.add_argument("--data", default=None, help="training JSONL (minigmr/data.py format (b)). Default: the "
+parser.add_argument("--data", default=None, help="training JSONL (format: minigmr/train_data.py). Default: the "
                     "synthetic data's")
 parser.add_argument("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
                     help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the group's "
@@ -103,16 +96,13 @@ parser.add_argument("--tau", type=float, default=None, help="url only: zero the 
 parser.add_argument("--temperature", type=float, default=1.0,
                     help="InfoNCE temperature (also url with --weight cl); the paper reports none, i.e. 1")
 parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (Rafailov et al. and PIVOT: 0.1)")
-parser.add_argument("--label-smoothing", type=float, default=0.0,
-                    help="DPO conservative label smoothing eps in [0, 0.5]")
-parser.add_argument("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: LoRA adapters "
-                    "only (the paper); lora+projector: + the patch merger; lora+vision: + the whole vision tower "
-                    "(as PIVOT trains it); full: every weight, no LoRA. Default: full for the built-in tiny demo "
-                    "model (small enough to train whole on a CPU), lora when --model is given")
+parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO conservative label smoothing, 0..0.5")
+parser.add_argument("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: the LoRA adapters "
+                    "(the paper); lora+projector: + the patch merger; lora+vision: + the vision tower (as PIVOT); "
+                    "full: every weight, no LoRA. Default: full for the tiny demo model, lora with --model")
 parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (the paper: 16)")
 parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r")
-parser.add_argument("--lora-dropout", type=float, default=0.0,
-                    help="dropout on the LoRA input (0: runs are deterministic)")
+parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: deterministic)")
 parser.add_argument("--lora-targets", nargs="+", default=list(TEXT_TARGETS), choices=TEXT_TARGETS,
                     help="text decoder projections that get LoRA (default: all seven)")
 parser.add_argument("--vision-lora-targets", nargs="*", default=[], choices=VISION_TARGETS,
@@ -130,27 +120,23 @@ parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-
 parser.add_argument("--steps", type=int, default=None,
                     help=f"optimizer steps. Default unless --epochs is given: {DEFAULT_STEPS} (the tiny demo)")
 parser.add_argument("--epochs", type=float, default=None, help="passes over the records, instead of --steps")
-parser.add_argument("--micro-batch", type=int, default=4,
-                    help="groups per forward pass per process (a group = 1+N prompts)")
+parser.add_argument("--micro-batch", type=int, default=4, help="groups (of 1+N prompts) per forward per process")
 parser.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; "
                     "global batch = micro_batch x world_size x grad_accum groups")
-parser.add_argument("--grad-checkpointing", action="store_true",
-                    help="recompute layer activations in backward (less memory)")
+parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="compute dtype. auto: bf16 "
-                    "autocast on a GPU that supports it, fp32 on CPU (bf16 matmuls are very slow there). Losses "
-                    "and scores are always fp32; trained weights are kept in fp32")
+                    "autocast on a GPU that supports it, else fp32 (bf16 matmuls are very slow on a CPU). Losses, "
+                    "scores and trained weights are always fp32")
 parser.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (tokens = pixels / 784). "
                     "Default: the checkpoint's preprocessor_config.json")
 parser.add_argument("--max-length", type=int, default=3200, help="longest allowed prompt in tokens (paper: 3200). "
                     "Longer prompts stop training with an error naming the record: minigmr never truncates")
-parser.add_argument("--max-grad-norm", type=float, default=1.0,
-                    help="clip the global gradient norm to this (0: no clipping)")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
 parser.add_argument("--overfit-one-batch", action="store_true",
                     help="debugging: train on the first global batch at every step; the loss must go towards 0")
 parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
 parser.add_argument("--out", default=None, help="output folder (default: runs/<objective>)")
-parser.add_argument("--save-every", type=int, default=100,
-                    help="save a checkpoint every K steps (and always at the end)")
+parser.add_argument("--save-every", type=int, default=100, help="save a checkpoint every K steps and at the end")
 parser.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out, bit-exactly as an uninterrupted run")
 parser.add_argument("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
@@ -205,8 +191,9 @@ args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
 args.out = args.out or os.path.join("runs", args.objective)
 args.world_size = world_size
 args.global_batch = args.micro_batch * world_size * args.grad_accum
-G, N1 = args.micro_batch, 1 + args.negatives  # groups per micro-batch, documents per group
+G = args.micro_batch  # groups per micro-batch
 records = load_training_data(args.data)
+batches = GlobalBatches(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
 if args.steps is not None and args.epochs is not None:
     parser.error("give --steps or --epochs, not both")
 if args.epochs is not None:
@@ -251,62 +238,28 @@ print0(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} para
 
 
 class YesNoScorer(nn.Module):
-    """What DDP wraps (DDP only syncs through forward): groups -> [z_yes, z_no] (G*(1+N), 2) in fp32 at the last
-    position of every (instruction, query, document) prompt, and the prompt lengths."""
+    """What DDP wraps (DDP only syncs through forward): G TrainGroups -> [z_yes, z_no] (G, 1+N, 2) in fp32 at the
+    last position of every (instruction, query, document) prompt, and the prompt lengths."""
 
     def __init__(self, model, yes_no_ids, trained_vision=()):
         super().__init__()
         self.model, self.yes_no_ids, self.trained_vision = model, yes_no_ids, list(trained_vision)
 
     def forward(self, groups):
-        chats = [(r.instruction, r.query.as_input(), [d.as_input() for d in (pos, *negs)])
-                 for r, pos, negs in groups]
+        chats = [(g.record.instruction, g.record.query.as_input(),
+                  [d.as_input() for d in (g.positive, *g.negatives)]) for g in groups]
         try:
             z, lengths = group_logits(self.model, processor, chats, self.yes_no_ids, max_length=args.max_length,
                                       return_lengths=True)
         except PromptTooLong as e:
-            raise ValueError(f"{args.data}: record {groups[e.group][0].id!r}: a prompt has {e.length} tokens > "
+            raise ValueError(f"{args.data}: record {groups[e.group].record.id!r}: a prompt has {e.length} tokens > "
                              f"--max-length {args.max_length}; minigmr never truncates (that would cut image tokens "
                              "or the answer position). Raise --max-length or lower --max-pixels") from None
         if self.trained_vision and not any("image" in x for _, query, docs in chats for x in (query, *docs)):
             # A text-only micro-batch never runs the vision tower: tie its trained weights in with weight 0, so that
             # every trained weight is in every graph (an exact zero gradient, no find_unused_parameters for DDP).
             z = z + 0.0 * sum(param.sum() for param in self.trained_vision)
-        return z, lengths
-
-
-# ----------------------------------------------------------------------------------------------------- data
-# Random negatives come from the documents of the records that share the query's instruction, i.e. the same task:
-# drawn from a mixed multi-task corpus, most of them would have another modality (an image for a query that asks
-# for passages), which teaches only a modality shortcut that no evaluation candidate list rewards.
-by_instruction = {}
-for r in records:
-    by_instruction.setdefault(r.instruction, []).append(r)
-samplers = {ins: NegativeSampler(rs, args.negatives, args.hard_ratio, seed=args.seed)
-            for ins, rs in by_instruction.items()}
-
-
-def seeded(*key):
-    """A torch.Generator seeded by a hash of key: seeded(seed, "negatives", step) gives every rank, and a resumed
-    run, the same stream without saving any generator state."""
-    digest = hashlib.sha256("/".join(map(str, key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(epoch):
-    return torch.randperm(len(records), generator=seeded(args.seed, "order", epoch)).tolist()
-
-
-def global_batch(step):
-    """The global_batch groups (record, positive, [N negatives]) of 0-based optimizer step `step`: records in a
-    fresh seeded permutation every epoch, negatives from a generator seeded by (seed, step)."""
-    rng, groups = seeded(args.seed, "negatives", step), []
-    for k in range(step * args.global_batch, (step + 1) * args.global_batch):
-        epoch, i = divmod(k, len(records))
-        record = records[epoch_order(epoch)[i]]
-        groups.append((record, *samplers[record.instruction].sample(record, rng)))
-    return groups
+        return z.reshape(len(groups), -1, 2), lengths  # (G*(1+N), 2) -> (G, 1+N, 2)
 
 
 def objective(z, z_ref):
@@ -367,9 +320,7 @@ if args.resume:
     if last_saved is None:
         fail(f"--resume: no checkpoint (step-NNNNNN folder) in {args.out}")
     state = train_state.read_state(last_saved)
-    # settings that change the trajectory must match; how the global batch is split over processes need not
-    free = {"resume", "save_every", "log_every", "out", "micro_batch", "grad_accum", "world_size", "grad_checkpointing"}
-    changed = {k: (v, vars(args).get(k)) for k, v in state["args"].items() if k not in free and vars(args).get(k) != v}
+    changed = train_state.changed_settings(state["args"], vars(args))
     if changed:
         fail(f"--resume from {last_saved}: settings differ from the checkpoint's (saved, now): {changed}; "
              "use a new --out to train with other settings")
@@ -383,13 +334,8 @@ if args.resume:
     print0(f"resumed from {last_saved} (step {start})")
 elif last_saved is not None:
     fail(f"{args.out} already holds checkpoints ({last_saved}); pass --resume or choose another --out")
-if master:  # keep the log lines of the steps the checkpoint contains, drop any written after it
-    kept = []
-    if args.resume and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start]
-    with open(log_path, "w") as f:
-        f.writelines(kept)
+if master:
+    train_state.restart_log(log_path, start)
 scorer = YesNoScorer(model, yes_no, [param for name, param in trainable.items() if name.startswith("vision.")])
 ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else scorer
 ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
@@ -398,7 +344,7 @@ ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
 def reference_logits(batch):
     """DPO's reference z (G, 1+N, 2): the frozen copy or, with LoRA only, the model with its adapters off."""
     with torch.no_grad(), autocast, disable_adapters(model) if reference is None else contextlib.nullcontext():
-        return ref_scorer(batch)[0].reshape(G, N1, 2)
+        return ref_scorer(batch)[0]
 
 
 def check_finite(step, what, value, where):
@@ -419,9 +365,9 @@ for step in bar:
     lr = lr_at(step - 1)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    groups = global_batch(0 if args.overfit_one_batch else step - 1)
+    groups = batches.at(0 if args.overfit_one_batch else step - 1)
     mine = groups[rank * G * args.grad_accum:(rank + 1) * G * args.grad_accum]  # this rank's slice
-    totals = dict.fromkeys(("loss", "sft_loss", "w_pos", "w_neg", "tokens"), 0.0)  # summed over micro-batches
+    totals = Counter()  # summed over micro-batches (Counter.update adds)
     for micro in range(args.grad_accum):
         batch = mine[micro * G:(micro + 1) * G]
         last = micro == args.grad_accum - 1
@@ -429,16 +375,13 @@ for step in bar:
         with ddp_scorer.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast:
                 z, lengths = ddp_scorer(batch)
-                z = z.reshape(G, N1, 2)  # (G*(1+N), 2) -> (G, 1+N, 2)
             loss, w = objective(z, reference_logits(batch) if args.objective == "dpo" else None)
             if INJECT_NAN_AT_STEP == step:
                 loss = loss * float("nan")
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean
         # the SFT loss is logged for every objective: the one value they are all comparable on
-        micro_stats = {"loss": loss.item(), "sft_loss": losses.sft_loss(z.detach()).item(), **losses.weight_stats(w),
-                       "tokens": sum(lengths)}
-        for k, v in micro_stats.items():
-            totals[k] += v
+        totals.update({"loss": loss.item(), "sft_loss": losses.sft_loss(z.detach()).item(), **losses.weight_stats(w),
+                       "tokens": sum(lengths)})
     totals = all_reduce_sum(totals)
     # every micro-batch holds G groups, so the mean of the micro-batch means is the mean over the global batch
     means = {k: totals[k] / (args.grad_accum * world_size) for k in ("loss", "sft_loss", "w_pos", "w_neg")}
@@ -451,8 +394,7 @@ for step in bar:
     if master and step % args.log_every == 0:
         line = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt,
                 "tokens_per_s": totals["tokens"] / dt}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        train_state.append_log(log_path, line)
         bar.set_postfix({shown: f"{line[shown]:.4f}", "w_pos": f"{line['w_pos']:.3f}", "lr": f"{lr:.2e}"})
     if step % args.save_every == 0 or step == args.steps or step == STOP_AFTER_STEP:
         last_saved = save(step)

@@ -1,8 +1,9 @@
-"""The two on-disk data formats of minigmr: reranking evaluation datasets, and training data.
+"""The on-disk format of minigmr's reranking evaluation datasets, and the JSON helpers every data file shares.
 
-An item (a query or a document) is text, one image, or both (MRB has at most one image per item).
+An item (a query or a document) is text, one image, or both (MRB has at most one image per item). The training data
+format (minigmr/train_data.py) reuses the item parser below.
 
-(a) A reranking evaluation dataset is one folder:
+A reranking evaluation dataset is one folder:
 
     <dataset>/
       meta.json      {"name": str, "task": str, "instruction": str, "main_metric": str, "source": str (optional)}
@@ -26,29 +27,15 @@ An item (a query or a document) is text, one image, or both (MRB has at most one
     not read. What a suite reranks is exactly the run's candidates (MRB: GME-2B's top 100).
   A suite is a folder whose sub-folders (hidden ones aside) are all such datasets.
 
-(b) Training data is one JSONL file, one record per line:
-
-    {"id": str, "instruction": str,
-     "query": {"text": str, "image": str} or a bare string (= text),
-     "positives": [doc, ...],          at least one
-     "negatives": [doc, ...],          optional: random/easy negatives
-     "hard_negatives": [doc, ...]}     optional: mined hard negatives
-
-  where a doc is a bare string (= text) or {"text": str, "image": str}, and image paths are relative to the
-  JSONL file's folder. A doc may not be both a positive and a negative of the same record.
-
 Errors name the file, the line and the id. Missing images are checked by existence only (cheap).
 """
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .metrics import Qrels, Run, parse_metric, rank, read_qrels, read_run, write_qrels, write_run
 
@@ -93,16 +80,6 @@ class Dataset:
         return rank(self.run[qid])
 
 
-@dataclass
-class TrainRecord:
-    id: str
-    instruction: str
-    query: Item
-    positives: list[Item]  # at least one
-    negatives: list[Item] = field(default_factory=list)
-    hard_negatives: list[Item] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------------------------------- JSON files
 def read_json(path: str | os.PathLike, hint: str = "") -> Any:
     """The JSON value of a file; a missing or malformed file is a ValueError naming the path (then `hint`)."""
@@ -136,15 +113,16 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             yield n, obj
 
 
-# ---------------------------------------------------------------------------------------------------- datasets
-def _record_id(obj: dict, where: str) -> str:
+# ---------------------------------------------------------------------------------------------------- items
+def record_id(obj: dict, where: str) -> str:
+    """The record's "id": a non-empty string, else a ValueError naming `where`."""
     rid = obj.get("id")
     if not isinstance(rid, str) or not rid:
         raise ValueError(f"{where}: missing or empty 'id' (a non-empty string), got {rid!r}")
     return rid
 
 
-def _item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str, ...] = ("text", "image")) -> Item:
+def parse_item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str, ...] = ("text", "image")) -> Item:
     """Parse one item: a bare string (= text) or an object with "text" and/or "image" (relative to base)."""
     if isinstance(obj, str):
         obj = {"text": obj}
@@ -162,10 +140,11 @@ def _item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str, ...
     return Item(item_id, text or None, os.path.abspath(os.path.join(base, image)) if image else None)
 
 
-def _missing_image(item: Item) -> bool:
+def missing_image(item: Item) -> bool:
     return item.image is not None and not os.path.isfile(item.image)
 
 
+# ---------------------------------------------------------------------------------------------------- datasets
 def _read_meta(path: str) -> dict:
     meta = read_json(path, hint="; a dataset folder needs meta.json (see minigmr/data.py)")
     if not isinstance(meta, dict):
@@ -200,7 +179,7 @@ def _first_lines(path: str, keys: list[tuple[str, ...]]) -> dict[tuple[str, ...]
 
 
 def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: str = "raise") -> Dataset:
-    """Load and validate one dataset folder (format (a)).
+    """Load and validate one dataset folder.
 
     on_error="skip" drops, instead of raising: items whose image is missing (a query takes its qrels and
     candidates with it) and run candidates absent from the corpus; each drop adds its message to
@@ -222,12 +201,12 @@ def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: s
     for name in items:
         file = os.path.join(root, name)
         for n, obj in read_jsonl(file):
-            item_id = _record_id(obj, f"{file}:{n}")
+            item_id = record_id(obj, f"{file}:{n}")
             where = f"{file}:{n}: id {item_id!r}"
             if item_id in items[name] or item_id in dropped[name]:
                 raise ValueError(f"{where}: duplicate id")
-            item = _item(obj, item_id, where, root, allowed=("id", "text", "image"))
-            if check_images and _missing_image(item):
+            item = parse_item(obj, item_id, where, root, allowed=("id", "text", "image"))
+            if check_images and missing_image(item):
                 bad(f"{where}: image not found: {item.image}")
                 dropped[name].add(item_id)
             else:
@@ -285,7 +264,7 @@ def load_suite(path: str | os.PathLike, check_images: bool = True, on_error: str
 def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction: str, main_metric: str,
                   queries: list[Item] | dict[str, Item], corpus: list[Item] | dict[str, Item],
                   qrels: Qrels, run: Run, source: str | None = None, run_tag: str = "first_stage") -> Dataset:
-    """Write a dataset folder (format (a)) and load it back, which validates it; returns the Dataset.
+    """Write a dataset folder and load it back, which validates it; returns the Dataset.
 
     queries/corpus: Items (or {id: Item}); an image path is relative to `path` or absolute inside it, and the
     image file must already be there (the caller saves it, e.g. under path/images/).
@@ -313,121 +292,3 @@ def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction:
     write_qrels(root / "qrels.tsv", qrels)
     write_run(root / "run.trec", run, run_tag)
     return load_dataset(root)
-
-
-# ---------------------------------------------------------------------------------------------------- training data
-def load_training_data(path: str | os.PathLike, check_images: bool = True) -> list[TrainRecord]:
-    """Load and validate a training JSONL file (format (b)) -> [TrainRecord]."""
-    base = os.path.dirname(os.path.abspath(path))
-
-    def doc(obj: Any, item_id: str, where: str) -> Item:
-        item = _item(obj, item_id, where, base)
-        if check_images and _missing_image(item):
-            raise ValueError(f"{where}: image not found: {item.image}")
-        return item
-
-    records, seen = [], set()
-    for n, obj in read_jsonl(path):
-        rid = _record_id(obj, f"{path}:{n}")
-        where = f"{path}:{n}: id {rid!r}"
-        if rid in seen:
-            raise ValueError(f"{where}: duplicate id")
-        seen.add(rid)
-        unknown = sorted(set(obj) - {"id", "instruction", "query", "positives", "negatives", "hard_negatives"})
-        missing = [k for k in ("instruction", "query", "positives") if k not in obj]
-        if unknown or missing:
-            raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
-        if not isinstance(obj["instruction"], str):
-            raise ValueError(f"{where}: 'instruction' must be a string")
-        query = doc(obj["query"], rid, f"{where}: query")
-        docs = {}
-        for key in ("positives", "negatives", "hard_negatives"):
-            if not isinstance(obj.get(key, []), list):
-                raise ValueError(f"{where}: '{key}' must be a list of docs")
-            docs[key] = [doc(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]") for i, d in enumerate(obj.get(key, []))]
-        if not docs["positives"]:
-            raise ValueError(f"{where}: 'positives' is empty; a record needs at least one positive")
-        positive_keys = {_key(d) for d in docs["positives"]}
-        for key in ("negatives", "hard_negatives"):
-            for i, d in enumerate(docs[key]):
-                if _key(d) in positive_keys:
-                    raise ValueError(f"{where}: {key}[{i}]: this doc is also one of the record's positives")
-        records.append(TrainRecord(rid, obj["instruction"], query, **docs))
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
-
-def _key(item: Item) -> tuple[str | None, str | None]:
-    """Documents are the same document when text and image agree (ids differ across records)."""
-    return item.text, item.image
-
-
-def _distinct(n: int, k: int, rng: torch.Generator) -> list[int]:
-    """k distinct ints uniform in range(n), k <= n, in draw order. Rejection sampling keeps a draw O(k)
-    rather than O(n) on a corpus of millions."""
-    if 2 * k >= n:
-        return torch.randperm(n, generator=rng)[:k].tolist()
-    picked = {}  # dict: insertion-ordered set
-    while len(picked) < k:
-        for i in torch.randint(n, (k,), generator=rng).tolist():
-            if len(picked) < k:
-                picked.setdefault(i)
-    return list(picked)
-
-
-def _take(items: list, k: int, rng: torch.Generator) -> list:
-    """Up to k of items without replacement (all of them, shuffled, when there are fewer than k)."""
-    return [items[i] for i in _distinct(len(items), min(max(k, 0), len(items)), rng)]
-
-
-class NegativeSampler:
-    """Builds one training group per record: one positive plus N negatives (GMR: N = 16, random : hard = 1 : 1).
-
-    Of the N negatives, n_hard = floor(N * hard_ratio + 0.5) come from the record's hard_negatives, then
-    from its negatives if there are too few hard ones; if both together are still too few they are reused
-    (each pass over them without replacement). The other N - n_hard (all N when the record has neither) are
-    random documents of the corpus, the deduplicated set of every document of every record, excluding this
-    record's positives; drawn without replacement unless the corpus is too small. Negatives are returned
-    hard first, then random. Deterministic given the torch.Generator (or the seed when rng is None).
-    """
-
-    def __init__(self, records: list[TrainRecord], num_negatives: int, hard_ratio: float = 0.5, seed: int = 0):
-        if num_negatives < 0 or not 0.0 <= hard_ratio <= 1.0:
-            raise ValueError(f"need num_negatives >= 0 and 0 <= hard_ratio <= 1, got {num_negatives}, {hard_ratio}")
-        self.num_negatives = num_negatives
-        self.num_hard = math.floor(num_negatives * hard_ratio + 0.5)
-        self.corpus, self._index = [], {}  # [Item], {(text, image): position in corpus}
-        for r in records:
-            for doc in r.positives + r.negatives + r.hard_negatives:
-                if _key(doc) not in self._index:
-                    self._index[_key(doc)] = len(self.corpus)
-                    self.corpus.append(doc)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self, record: TrainRecord, rng: torch.Generator | None = None) -> tuple[Item, list[Item]]:
-        """-> (positive Item, [N negative Items])."""
-        rng = self.generator if rng is None else rng
-        positive = record.positives[_distinct(len(record.positives), 1, rng)[0]]
-        hard = _take(record.hard_negatives, self.num_hard, rng)
-        hard += _take(record.negatives, self.num_hard - len(hard), rng)
-        pool = record.hard_negatives + record.negatives
-        while pool and len(hard) < self.num_hard:  # pool too small: reuse it
-            hard += _take(pool, self.num_hard - len(hard), rng)
-
-        # random part: draw positions among the corpus minus the record's positives, then map them back
-        excluded = sorted({self._index[_key(p)] for p in record.positives if _key(p) in self._index})
-        available, need = len(self.corpus) - len(excluded), self.num_negatives - len(hard)
-        if need and available == 0:
-            raise ValueError(f"record {record.id!r}: the corpus has no document besides its positives to sample")
-        picks = []
-        while len(picks) < need:  # more than once only when the corpus is too small: with replacement
-            picks += _distinct(available, min(need - len(picks), available), rng)
-        randoms = []
-        for i in picks:
-            for e in excluded:  # i-th non-excluded position -> corpus position
-                if e > i:
-                    break
-                i += 1
-            randoms.append(self.corpus[i])
-        return positive, hard + randoms

@@ -1,6 +1,6 @@
-"""What a training run (train.py) keeps on disk: checkpoint folders, RNG states, and the merged export.
+"""What a training run (train.py) keeps on disk: checkpoint folders, RNG states, the log, and the merged export.
 
-A run folder holds log.jsonl, the latest checkpoint and, at the end, merged/:
+A run folder holds log.jsonl (one JSON line per logged step), the latest checkpoint and, at the end, merged/:
 
     step-000100/
       adapter/                  the LoRA adapter in peft format (peft_io.save_adapter), if LoRA trains
@@ -29,6 +29,10 @@ from .peft_io import load_adapter, save_adapter
 from .scoring import SCORE_FILE
 from .weights import to_hf
 
+# Settings a resumed run may change: they split the same global batch differently over processes, or only say
+# where and how often to write. Every other setting changes the trajectory and must match the checkpoint's.
+RESUME_FREE = {"resume", "save_every", "log_every", "out", "micro_batch", "grad_accum", "world_size",
+               "grad_checkpointing"}
 # Files of a checkpoint folder besides the weights that a processor / tokenizer needs; copied into merged/.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -54,6 +58,27 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def changed_settings(saved: dict, now: dict) -> dict:
+    """{setting: (saved, now)} of the settings outside RESUME_FREE that differ from the checkpoint's."""
+    return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUME_FREE and now.get(k) != v}
+
+
+def restart_log(path: str, step: int) -> None:
+    """Rewrite log.jsonl with only its lines of steps <= `step` (those a resumed checkpoint contains; none for a
+    fresh run, step 0): a resumed run's log then reads like an uninterrupted one's."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def append_log(path: str, line: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _extra_weights(model, lora_ids: set) -> dict:

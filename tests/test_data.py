@@ -1,5 +1,6 @@
-"""Tests for minigmr/data.py: the evaluation-dataset folder format (round trip, suites, every validation
-error with its file/line/id, skip mode), the training JSONL format, and the negative sampler."""
+"""Tests for minigmr/data.py, the evaluation-dataset folder format (round trip, suites, every validation error with
+its file/line/id, skip mode), and minigmr/train_data.py: the training JSONL format, the negative sampler, and the
+global batch of a step."""
 
 import json
 from collections import Counter
@@ -8,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minigmr.data import (TASK_GROUP, TASK_TYPES, Dataset, Item, NegativeSampler, TrainRecord, load_dataset,
-                          load_suite, load_training_data, write_dataset)
+from minigmr.data import TASK_GROUP, TASK_TYPES, Dataset, Item, load_dataset, load_suite, write_dataset
+from minigmr.train_data import GlobalBatches, NegativeSampler, TrainRecord, load_training_data
 
 
 def _png(path):
@@ -321,3 +322,23 @@ def test_sampler_is_deterministic():
     assert [s1.sample(r)[1] for r in records] == [s2.sample(r)[1] for r in records]  # rng=None: the seed
     with pytest.raises(ValueError, match="hard_ratio"):
         NegativeSampler(records, 4, hard_ratio=1.5)
+
+
+# ---------------------------------------------------------------- global batches
+
+
+def test_global_batch_is_a_pure_function_of_seed_and_step():
+    other = TrainRecord("other", "other task", Item("other", "q"), [Item("o", "o")], [], [Item("oh", "oh")])
+    records = _records(n_records=10) + [other]
+    global_batches = lambda seed=0: GlobalBatches(records, batch_size=4, num_negatives=3, seed=seed)  # noqa: E731
+    ids = lambda batch: [(g.record.id, g.positive.id, [d.id for d in g.negatives]) for g in batch]  # noqa: E731
+    a, b = global_batches(), global_batches()
+    steps = [ids(a.at(k)) for k in range(6)]
+    assert [ids(b.at(k)) for k in reversed(range(6))] == steps[::-1]  # any order, any instance: the same batch
+    assert steps[0] != ids(global_batches(seed=1).at(0))
+    # 11 records, 4 per step: steps 0-1 and the first 3 groups of step 2 are epoch 0, each record exactly once
+    epoch0 = [g[0] for step in steps[:2] for g in step] + [g[0] for g in steps[2][:3]]
+    assert sorted(epoch0) == sorted(r.id for r in records)
+    for g in a.at(0) + a.at(1) + a.at(2):  # random negatives only from the same instruction's records
+        assert len(g.negatives) == 3 and all((d.id == "oh") == (g.record is other) for d in g.negatives)
+

@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from minigmr import peft_io
-from minigmr.data import load_training_data
 from minigmr.losses import yes_no_logits
 from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
 from minigmr.prompt import gmr_messages
 from minigmr.synth import generate_world
+from minigmr.train_data import load_training_data
 from minigmr.weights import to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
