@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from minigmr import scenes, synth
 from minigmr.config import Config
-from minigmr.data import load_suite, load_training_data
+from minigmr.data import load_suite
+from minigmr.train_data import load_training_data
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, smart_resize
 
