@@ -99,7 +99,14 @@ def _read_config(directory: str):
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
-XX, "LORA") != "LORA":
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not 'LORA'")
     on = {k: cfg.get(k) for k in NOT_PLAIN_LORA}
     on["bias"] = cfg.get("bias", "none") != "none"
