@@ -68,17 +68,18 @@ def num_image_tokens(grid, merge_size: int = 2) -> int:
 
 
 def load_rgb(image) -> Image.Image:
-    """PIL image or file path -> RGB PIL image, as transformers 5.23 gets it.
+    """PIL image or file path -> RGB PIL image, exactly as transformers' Qwen2-VL image processor gets it.
 
-    - A path goes through transformers' `image_utils.load_image`: EXIF orientation applied, then a plain
-      `convert("RGB")` (which *drops* alpha: the image processor then sees an image without transparency).
-    - A PIL image goes through `image_transforms.convert_to_rgb`: if it has an alpha band or a `transparency`
-      entry (RGBA, LA, PA, P/L/RGB with transparency) it is composited onto white, else `convert("RGB")`.
+    - A path goes through `image_utils.load_image` first: EXIF orientation applied, then `convert("RGB")`. That
+      drops an alpha band, but Pillow keeps a single transparent colour (tRNS, GIF) in `info["transparency"]`.
+    - Then every image goes through `image_transforms.convert_to_rgb`: with an alpha band or a `transparency`
+      entry it is composited onto white (for a path: every pixel of the transparent colour turns white), else
+      `convert("RGB")`.
     """
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as f:
-                return ImageOps.exif_transpose(f).convert("RGB")
+                image = ImageOps.exif_transpose(f).convert("RGB")
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for broken files
             raise ValueError(f"cannot open image file {os.fspath(image)!r}: {e}") from e
     if not isinstance(image, Image.Image):
