@@ -67,6 +67,31 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+POSITIVE = {"depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+            "spatial_merge_size", "temporal_patch_size", "window_size", "in_channels", "vocab_size",
+            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta"}
+
+
+def checked_fields(part, values: dict, source: str, where: str) -> dict:
+    """config.json is user input: each field must have its dataclass type (JSON int / number / bool / str / list of
+    ints), sizes must be positive, and only the SiLU activation is implemented. Errors name file and field."""
+    types = {f.name: f.type for f in fields(part)}
+    for name, value in values.items():
+        want, is_int = types[name], isinstance(value, int) and not isinstance(value, bool)
+        ok = {int: is_int, float: is_int or isinstance(value, float), bool: isinstance(value, bool),
+              str: isinstance(value, str),
+              list: isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)}
+        if not ok[want]:
+            kind = "a list of integers" if want is list else f"a JSON {'number' if want is float else want.__name__}"
+            raise ValueError(f"{source}: {where}{name} must be {kind}, got {value!r}")
+        if name in POSITIVE and not value > 0:
+            raise ValueError(f"{source}: {where}{name} must be > 0, got {value!r}")
+    if values.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: {where}hidden_act {values['hidden_act']!r} is not implemented (only 'silu', "
+                         "as every Qwen2.5-VL checkpoint)")
+    return values
+
+
 @dataclass
 class Config:
     text: TextConfig = field(default_factory=TextConfig)
@@ -92,11 +117,18 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
         """Both the flat official format and the nested transformers-5.x format."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        for block in ("vision_config", "text_config", "rope_scaling", "rope_parameters"):
+            if d.get(block) is not None and not isinstance(d[block], dict):
+                raise ValueError(f"{source}: {block!r} must be a JSON object, got {d[block]!r}")
         if d.get("model_type") not in (None, "qwen2_5_vl"):
             raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not 'qwen2_5_vl'")
         if "vision_config" not in d:
             raise ValueError(f"{source}: no 'vision_config' block; is this a Qwen2.5-VL checkpoint?")
         tc = dict(d.get("text_config") or {})
+        if not isinstance(tc.get("rope_parameters") or {}, dict):
+            raise ValueError(f"{source}: text_config.rope_parameters must be a JSON object")
         flat = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
         # nested (5.x) wins over the flat copy that 4.5x re-saves keep beside it
         src = {**flat, **tc}
@@ -115,17 +147,26 @@ class Config:
                                "num_attention_heads", "num_key_value_heads") if k not in text_kw]
         if missing:
             raise ValueError(f"{source}: text fields missing: {missing}")
+        if not isinstance(d["vision_config"], dict):
+            raise ValueError(f"{source}: 'vision_config' must be a JSON object, got {d['vision_config']!r}")
         vc = dict(d["vision_config"])
         vis_kw = {f.name: vc[f.name] for f in fields(VisionConfig) if f.name in vc}
         if "in_chans" in vc:  # official checkpoint spelling (qwen25vl.md §1.2)
             vis_kw["in_channels"] = vc["in_chans"]
-        if "rope_parameters" in vc:
+        if isinstance(vc.get("rope_parameters"), dict):
             vis_kw["rope_theta"] = vc["rope_parameters"].get("rope_theta", VisionConfig.rope_theta)
         for k in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"):
             if k not in vis_kw:
                 raise ValueError(f"{source}: vision_config.{k} missing")
         dtype = d.get("torch_dtype") or d.get("dtype") or tc.get("dtype") or "bfloat16"
-        return cls(TextConfig(**text_kw), VisionConfig(**vis_kw), dtype=str(dtype))
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{source}: torch_dtype {dtype!r} is not one of float32, bfloat16, float16")
+        text = TextConfig(**checked_fields(TextConfig, text_kw, source, ""))
+        vision = VisionConfig(**checked_fields(VisionConfig, vis_kw, source, "vision_config."))
+        try:
+            return cls(text, vision, dtype=dtype)
+        except ValueError as e:  # the shape checks of __post_init__, located
+            raise ValueError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str) -> "Config":
@@ -135,9 +176,9 @@ class Config:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=path)
 

@@ -113,10 +113,12 @@ class ImageProcessor:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no preprocessor_config.json at {path!r}")
         try:
-            with open(file) as f:
+            with open(file, encoding="utf-8") as f:
                 cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON: {e}") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file}: invalid JSON: {e}") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("size") or {}, dict):
+            raise ValueError(f"{file}: expected a JSON object (with 'size' an object), got {cfg!r:.80}")
         size = cfg.get("size") or {}
         lo = cfg.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
         hi = cfg.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
@@ -188,7 +190,11 @@ class Processor:
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"no tokenizer.json in {path!r}")
-        return cls(Tokenizer.from_file(tok_file), ImageProcessor.from_pretrained(path, min_pixels, max_pixels))
+        try:
+            tokenizer = Tokenizer.from_file(tok_file)
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{tok_file}: not a tokenizers JSON file ({e})") from None
+        return cls(tokenizer, ImageProcessor.from_pretrained(path, min_pixels, max_pixels))
 
     def token_id(self, token: str) -> int:
         """Id of a string that must tokenize to exactly one token (e.g. "yes", "no", "<|im_end|>")."""
