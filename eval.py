@@ -332,7 +332,7 @@ def parse_args(argv=None):
         p.error("--suite mrb needs --data-dir (a folder of datasets, docs/mrb.md) and --model")
     for flag, folder in (("--model", args.model), ("--adapter", args.adapter)):
         if folder is not None and not os.path.isdir(folder):
-            p.error(f"{flag} {folder}: no such folder")
+            p.error(f"{flag} {folder}: {'not a folder' if os.path.exists(folder) else 'no such folder'}")
     for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True)):
         if path is not None and (why := unwritable(path, is_folder)):
             p.error(f"{flag} {path}: {why}")  # now, not after the scoring
