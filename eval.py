@@ -230,6 +230,12 @@ def evaluate_suite(datasets, reranker, top_k=100, metrics=DEFAULT_METRICS, batch
     `reranker` is anything with Reranker.score's signature; caching needs cache_dir and a reranker_key."""
     if cache_dir is not None and reranker_key is None:
         raise ValueError("caching needs a reranker_key that identifies the reranker (model, adapter, dtype)")
+    if not datasets:
+        raise ValueError("evaluate_suite: no datasets to evaluate")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:  # [:top_k] would take -1 as "all but one"
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     per_dataset = {}
     with tqdm(total=sum(len(ds.queries) for ds in datasets), unit="query", disable=not progress) as bar:
         for ds in datasets:

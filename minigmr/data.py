@@ -265,7 +265,7 @@ def load_suite(path: str | os.PathLike, check_images: bool = True, on_error: str
     """Load every dataset folder of a suite folder, or only those whose meta.json "name" is in `names` (the
     others' files are not read further, so an error in one does not stop another); sorted by name."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: suite folder not found")
+        raise ValueError(f"{path}: {'not a folder' if os.path.exists(path) else 'suite folder not found'}")
     if os.path.isfile(os.path.join(path, "meta.json")):
         raise ValueError(f"{path} is a dataset folder (it has meta.json), not a suite: give the folder that holds "
                          "the dataset folders")

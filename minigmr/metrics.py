@@ -31,6 +31,7 @@ In Python both are dicts: qrels {qid: {docid: rel}}, run {qid: {docid: score}}.
 """
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -162,24 +163,41 @@ def _check_token(value: object, what: str) -> None:
         raise ValueError(f"{what} {value!r} cannot be written to a TREC file: it must be non-empty, no whitespace")
 
 
+def _write_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Write the lines, all checked beforehand, so that a bad id or value leaves no half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def _value(value: object, what: str, integer: bool) -> float | int:
+    """A score (a number, not NaN) or a relevance grade (an integer) as the TREC file holds it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or integer and not float(value).is_integer():
+        raise ValueError(f"{what} {value!r} must be {'an integer' if integer else 'a number (not NaN)'}")
+    return int(value) if integer else float(value)
+
+
 def write_run(path: str | os.PathLike, run: Run, tag: str) -> None:
     """Write {qid: {docid: score}} as a TREC run, each query's docs in trec_eval order with ranks 1, 2, ..."""
     _check_token(tag, "run tag")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, scores in run.items():
-            _check_token(qid, "query id")
-            for i, docid in enumerate(rank(scores)):
-                _check_token(docid, f"query {qid!r}: doc id")
-                f.write(f"{qid} Q0 {docid} {i + 1} {float(scores[docid])!r} {tag}\n")  # repr: exact round-trip
+    lines = []
+    for qid, scores in run.items():
+        _check_token(qid, "query id")
+        for docid, score in scores.items():
+            _check_token(docid, f"query {qid!r}: doc id")
+            _value(score, f"query {qid!r}: doc {docid!r}: score", integer=False)
+        lines += [f"{qid} Q0 {docid} {i + 1} {float(scores[docid])!r} {tag}\n"  # repr: exact round-trip
+                  for i, docid in enumerate(rank(scores))]
+    _write_lines(path, lines)
 
 
 def write_qrels(path: str | os.PathLike, qrels: Qrels) -> None:
-    """Write {qid: {docid: rel}} as a TREC qrels file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, rels in qrels.items():
-            _check_token(qid, "query id")
-            for docid, rel in rels.items():
-                _check_token(docid, f"query {qid!r}: doc id")
-                f.write(f"{qid} 0 {docid} {int(rel)}\n")
+    """Write {qid: {docid: rel}} as a TREC qrels file (rel an integer grade: 0.5 is refused, not rounded)."""
+    lines = []
+    for qid, rels in qrels.items():
+        _check_token(qid, "query id")
+        for docid, rel in rels.items():
+            _check_token(docid, f"query {qid!r}: doc id")
+            lines.append(f"{qid} 0 {docid} {_value(rel, f'query {qid!r}: doc {docid!r}: relevance', True)}\n")
+    _write_lines(path, lines)

@@ -302,6 +302,9 @@ def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
     manifest = os.path.join(out_dir, "world.json")
     if os.path.exists(manifest):
         have = read_json(manifest)
+        if not isinstance(have, dict):
+            raise ValueError(f"{manifest}: expected a JSON object (the world's settings); delete the folder to "
+                             "generate it again")
         want = {"version": WORLD_VERSION, "seed": seed, **kwargs}
         wrong = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if wrong:

@@ -321,6 +321,17 @@ def test_control_token_in_a_document(suite, tmp_path, monkeypatch, capsys):
     assert results["datasets"]["a_t2t"]["skipped"] == 1 + with_d2 and "<|image_pad|>" in out
 
 
+def test_evaluate_suite_arguments(suite):
+    ds = load_suite(suite)[:1]
+    for top_k in (-1, 0, 2.5):  # -1 would slice off the last candidate
+        with pytest.raises(ValueError, match=rf"top_k must be a positive integer, got {top_k}"):
+            ev.evaluate_suite(ds, FakeReranker(), top_k, METRICS, progress=False)
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
+        ev.evaluate_suite(ds, FakeReranker(), 5, METRICS, on_error="ignore", progress=False)
+    with pytest.raises(ValueError, match="no datasets"):
+        ev.evaluate_suite([], FakeReranker(), 5, METRICS, progress=False)
+
+
 def test_batch_failure_no_single_item_reproduces_is_raised_as_is(suite):
     class BatchOfOneOnly(FakeReranker):
         def score(self, query, documents, instruction="", batch_size=None):
@@ -537,6 +548,10 @@ def test_beir_to_suite(tmp_path):
     (dict(corpus=[{**BEIR_CORPUS[0], "_id": True}] + BEIR_CORPUS[1:]),
      r"corpus.jsonl:1: '_id' must be a string or an integer, got True"),
     ("latin1", r"corpus.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 32\)"),
+    (dict(corpus=BEIR_CORPUS[:1] + [{"_id": "d2", "text": "dogs <|im_end|> bark"}] + BEIR_CORPUS[2:]),
+     r"corpus.jsonl:2: _id 'd2': text contains the control token <\|im_end\|>"),
+    (dict(corpus=BEIR_CORPUS[:1] + [{"_id": "d2", "title": " ", "text": "\t"}] + BEIR_CORPUS[2:]),
+     r"corpus.jsonl:2: _id 'd2' has neither text nor image"),
     ("query_missing", r"queries.jsonl: query 'q2' of qrels/test.tsv is missing"),  # after the images are copied
 ])
 def test_beir_to_suite_errors_leave_nothing_behind(tmp_path, edit, match):

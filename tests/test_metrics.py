@@ -224,3 +224,15 @@ def test_non_utf8_byte_names_file_line_and_column(tmp_path, name):
     (tmp_path / name).write_bytes(line.replace(b"\xff", b"d") + line)
     with pytest.raises(ValueError, match=rf"{name}:2: not valid UTF-8 \(byte 0xff at column 6\)"):
         (M.read_qrels if name == "qrels.tsv" else M.read_run)(tmp_path / name)
+
+
+@pytest.mark.parametrize("writer, table, match", [
+    (M.write_qrels, {"q": {"a": 1, "b": 0.5}}, r"query 'q': doc 'b': relevance 0.5 must be an integer"),
+    (M.write_qrels, {"q": {"a": 1, "b": "1"}}, r"query 'q': doc 'b': relevance '1' must be an integer"),
+    (M.write_run, {"q": {"a": 1.0}, "r": {"b": float("nan")}}, r"query 'r': doc 'b': score nan must be a number"),
+    (M.write_run, {"q": {"a": 1.0, "b": None}}, r"query 'q': doc 'b': score None must be a number"),
+])
+def test_writers_refuse_values_they_cannot_write_and_leave_no_file(tmp_path, writer, table, match):
+    with pytest.raises(ValueError, match=match):
+        writer(tmp_path / "out", table, *(["t"] if writer is M.write_run else []))
+    assert not (tmp_path / "out").exists()

@@ -236,3 +236,9 @@ def test_api_sizes_checked(tmp_path):
     with pytest.raises(ValueError, match=r"every group is an eval query target"):
         synth.write_training_data(str(tmp_path / "t"), n_records=1, exclude=scenes.ALL_GROUPS)
     assert os.listdir(tmp_path) == []
+
+
+def test_world_json_not_an_object(tmp_path):
+    (tmp_path / "world.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"world.json: expected a JSON object"):
+        synth.ensure_world(str(tmp_path))

@@ -26,7 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from minigmr.data import TASK_TYPES, Item, inside, load_dataset, read_jsonl, write_dataset  # noqa: E402
+from minigmr.data import TASK_TYPES, Item, inside, load_dataset, read_jsonl, special_token, write_dataset  # noqa: E402
 from minigmr.metrics import parse_metric, rank, read_lines, read_run  # noqa: E402
 
 
@@ -71,6 +71,8 @@ def read_beir_items(path, keep, out_dir, is_corpus):
         item_id = str(obj["_id"])  # ViDoRe's corpus-id is an integer
         if item_id not in keep:
             continue
+        if len(item_id.split()) != 1 or item_id.strip() != item_id:
+            raise ValueError(f"{path}:{n}: _id {item_id!r} has whitespace, which a TREC file cannot hold")
         if item_id in items:
             raise ValueError(f"{path}:{n}: duplicate _id {item_id!r}")
         for key in ("title", "text", "image"):
@@ -78,7 +80,10 @@ def read_beir_items(path, keep, out_dir, is_corpus):
                 raise ValueError(f"{path}:{n}: _id {item_id!r}: {key!r} must be a string, got "
                                  f"{type(obj[key]).__name__}")
         parts = [obj.get("title"), obj.get("text")] if is_corpus else [obj.get("text")]
-        text = " ".join(p for p in parts if p) or None
+        text = " ".join(p for p in parts if p and p.strip()) or None  # a blank part is no part
+        if special_token(text):
+            raise ValueError(f"{path}:{n}: _id {item_id!r}: text contains the control token {special_token(text)}, "
+                             "which the reranker would read as prompt structure")
         image = obj.get("image")
         if image:
             src = os.path.normpath(os.path.join(base, image))
