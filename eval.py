@@ -183,7 +183,7 @@ def build_runs(ds, records, top_k):
     """(first-stage run, reranked run) over the same documents: the candidates minus the dropped ones."""
     first, reranked = {}, {}
     for qid, record in records.items():
-        if record["scores"] is None:  # the query's own image is unreadable ("skip" mode)
+        if record["scores"] is None:  # the query itself could not be scored ("skip" mode)
             continue
         dropped = set(record["dropped"])
         first[qid] = {d: s for d, s in ds.run[qid].items() if d not in dropped}
@@ -342,8 +342,13 @@ def parse_args(argv=None):
     for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True)):
         if path is not None and (why := unwritable(path, is_folder)):
             p.error(f"{flag} {path}: {why}")  # now, not after the scoring
-    if args.device is not None and (why := unusable_device(args.device)):
-        p.error(f"--device {args.device}: {why}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: not a torch device ({e})")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return args
 
 
@@ -358,17 +363,6 @@ def unwritable(path, is_folder):
         return f"{parent} is not a folder"
     if not os.access(path if os.path.exists(path) else parent, os.W_OK):
         return "not writable"
-    return None
-
-
-def unusable_device(name):
-    """Why torch cannot run on the device `name`, or None."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        return f"not a torch device ({e})"
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 
