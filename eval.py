@@ -92,6 +92,12 @@ def read_cache(path):
 
 
 # ---------------------------------------------------------------------------------------------------- reranking
+# What a bad query or document makes the reranker raise (an image PIL cannot decode or the processor refuses, a
+# text the prompt cannot hold); anything else (an interruption, out of memory) is not blamed on an item.
+ITEM_ERRORS = (ValueError, OSError, Image.DecompressionBombError)
+PROBE = {"text": "probe"}  # a plain text document: when the query fails with it, the query is at fault
+
+
 def unreadable(item):
     """Why PIL cannot decode the item's image, or None (also None for a text-only item)."""
     if item.image is None:
@@ -104,32 +110,47 @@ def unreadable(item):
     return None
 
 
+def blame(reranker, ds, query, doc):
+    """Score `query` against the one document `doc` (None: a plain text probe, to test the query itself).
+    -> (None, None) if that works, else (the error, a message naming the dataset, the query and the item)."""
+    item = doc or query
+    try:
+        reranker.score(query.as_input(), [doc.as_input() if doc else PROBE], instruction=ds.instruction)
+        return None, None
+    except ITEM_ERRORS as err:
+        where = f"dataset {ds.name!r}: query {query.id!r}" + (f": candidate {doc.id!r}" if doc else "")
+        if why := unreadable(item):
+            return err, f"{where}: cannot read image {item.image} ({why})"
+        return err, f"{where}{f' (image {item.image})' if item.image else ''}: {type(err).__name__}: {err}"
+
+
 def score_query(reranker, ds, qid, cands, batch_size, on_error):
     """-> (scores {docid: score} or None when the query itself is dropped, dropped docids, skip messages).
 
-    Images are only opened when the reranker fails, to name the item at fault: in "skip" mode an unreadable
-    candidate is dropped and the rest re-scored, an unreadable query drops the query; any other failure is raised.
+    When the batch fails with an item error, the query is tried against a plain text document and then each
+    candidate alone, to name the item at fault: "raise" raises that message, "skip" drops the candidate (and
+    re-scores the rest) or the query. A failure no single item reproduces is raised as it is.
     """
     query, docs = ds.queries[qid], [ds.corpus[d] for d in cands]
     try:
         scores = reranker.score(query.as_input(), [d.as_input() for d in docs], instruction=ds.instruction,
                                 batch_size=batch_size)
         return dict(zip(cands, (float(s) for s in scores))), [], []
-    except Exception as err:
-        bad = [(what, item, why) for what, item in [("query", query)] + [("candidate", d) for d in docs]
-               if (why := unreadable(item))]
-        if not bad:
+    except ITEM_ERRORS:
+        at_fault = [(None, *blame(reranker, ds, query, None))]  # (candidate id or None for the query, error, message)
+        if at_fault[0][1] is None:
+            at_fault = [(d.id, *blame(reranker, ds, query, d)) for d in docs]
+        at_fault = [x for x in at_fault if x[1] is not None]
+        if not at_fault:
             raise
-        msgs = [f"dataset {ds.name!r}: query {qid!r}: {what} {item.id!r}: cannot read image {item.image} ({why})"
-                for what, item, why in bad]
         if on_error == "raise":
-            raise ValueError(msgs[0]) from err
-        if bad[0][0] == "query":
-            return None, list(cands), msgs[:1]
-        dropped = {item.id for _, item, _ in bad}
+            raise ValueError(at_fault[0][2]) from at_fault[0][1]
+        if at_fault[0][0] is None:  # the query itself
+            return None, list(cands), [at_fault[0][2]]
+        dropped = {docid for docid, _, _ in at_fault}
         keep = [d for d in cands if d not in dropped]
         scores, more, more_msgs = score_query(reranker, ds, qid, keep, batch_size, on_error) if keep else ({}, [], [])
-        return scores, sorted(dropped) + more, msgs + more_msgs
+        return scores, sorted(dropped) + more, [m for _, _, m in at_fault] + more_msgs
 
 
 def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None):
@@ -162,7 +183,7 @@ def build_runs(ds, records, top_k):
     """(first-stage run, reranked run) over the same documents: the candidates minus the dropped ones."""
     first, reranked = {}, {}
     for qid, record in records.items():
-        if record["scores"] is None:  # the query's own image is unreadable ("skip" mode)
+        if record["scores"] is None:  # the query itself could not be scored ("skip" mode)
             continue
         dropped = set(record["dropped"])
         first[qid] = {d: s for d, s in ds.run[qid].items() if d not in dropped}
@@ -209,6 +230,12 @@ def evaluate_suite(datasets, reranker, top_k=100, metrics=DEFAULT_METRICS, batch
     `reranker` is anything with Reranker.score's signature; caching needs cache_dir and a reranker_key."""
     if cache_dir is not None and reranker_key is None:
         raise ValueError("caching needs a reranker_key that identifies the reranker (model, adapter, dtype)")
+    if not datasets:
+        raise ValueError("evaluate_suite: no datasets to evaluate")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:  # [:top_k] would take -1 as "all but one"
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     per_dataset = {}
     with tqdm(total=sum(len(ds.queries) for ds in datasets), unit="query", disable=not progress) as bar:
         for ds in datasets:
@@ -286,8 +313,9 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="OUT", help="write every number, the skipped items and the config here")
     p.add_argument("--cache-dir", help="score cache folder (default: .eval_cache/ next to --json, else ./.eval_cache)")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="a missing/unreadable image or a candidate absent from the corpus: raise (default), or "
-                        "skip the item and count it in the table")
+                   help="an item the reranker cannot take (a missing, unreadable or refused image, a text with a "
+                        "control token) or a candidate absent from the corpus: raise (default), or skip the item "
+                        "and count it in the table")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype (default: bfloat16 on a GPU, float32 on a CPU); scores are always fp32")
@@ -308,7 +336,34 @@ def parse_args(argv=None):
         p.error("--top-k and --batch-size must be positive")
     if args.suite == "mrb" and (args.data_dir is None or args.model is None):
         p.error("--suite mrb needs --data-dir (a folder of datasets, docs/mrb.md) and --model")
+    for flag, folder in (("--model", args.model), ("--adapter", args.adapter)):
+        if folder is not None and not os.path.isdir(folder):
+            p.error(f"{flag} {folder}: {'not a folder' if os.path.exists(folder) else 'no such folder'}")
+    for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True)):
+        if path is not None and (why := unwritable(path, is_folder)):
+            p.error(f"{flag} {path}: {why}")  # now, not after the scoring
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            p.error(f"--device {args.device}: not a torch device ({e})")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return args
+
+
+def unwritable(path, is_folder):
+    """Why `path` cannot be written as a file (or created as a folder), or None."""
+    if os.path.isdir(path) != is_folder and os.path.exists(path):
+        return "is a folder; give a file name, e.g. out/results.json" if not is_folder else "is not a folder"
+    parent = os.path.abspath(path) if is_folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing folder, where makedirs starts
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a folder"
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        return "not writable"
+    return None
 
 
 def versions():
@@ -326,8 +381,14 @@ def read_baseline(path, top_k):
         baseline = read_json(path, hint="; write it with eval.py --json")
     except ValueError as e:
         raise ValueError(f"--baseline {e}") from None
-    if not isinstance(baseline, dict) or "overall" not in baseline:
+    numbers = lambda a: isinstance(a, dict) and isinstance(a.get("reranked"), (int, float))  # noqa: E731
+    if not isinstance(baseline, dict) or not numbers(baseline.get("overall")):
         raise ValueError(f"--baseline {path}: not an eval.py --json result (no 'overall' numbers)")
+    for key in ("tasks", "groups", "datasets", "config"):
+        value = baseline.get(key, {})
+        if not isinstance(value, dict) or key in ("tasks", "groups") and not all(map(numbers, value.values())):
+            raise ValueError(f"--baseline {path}: '{key}' is not what eval.py --json writes: expected an object"
+                             + (" of objects with a 'reranked' number" if key in ("tasks", "groups") else ""))
     if baseline.get("config", {}).get("top_k") != top_k:
         print(f"note: --baseline {path} was reranked at depth {baseline.get('config', {}).get('top_k')}, "
               f"this run at {top_k}", file=sys.stderr)
@@ -349,7 +410,7 @@ def main(argv=None):
 
     device, dtype = default_device_dtype(args.device, getattr(torch, args.dtype) if args.dtype else None)
     reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device,
-                                        score_type=args.score)
+                                        score=args.score)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
                                                ".eval_cache")
     key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype),

@@ -18,8 +18,9 @@ A reranking evaluation dataset is one folder:
     cross-modal (T->I, T->VD, I->T), fused-modal (T->IT, IT->T, IT->I, IT->IT).
   - instruction is the task instruction given to the reranker with every (query, document) pair.
   - main_metric is the number the dataset reports, as minigmr.metrics names it: "ndcg@10", "recall@5", ...
-  - Every item needs an "id" (a non-empty string, unique in its file) and a non-empty "text", an "image",
-    or both; no other field is allowed. Blank lines are ignored.
+  - Every item needs an "id" (a non-empty string, unique in its file) and a non-blank "text", an "image",
+    or both; no other field is allowed. Blank lines are ignored. A text may not contain a Qwen2.5 control
+    token such as <|image_pad|> (SPECIAL_TOKENS), and an image path must stay inside the dataset folder.
   - Every query id in qrels.tsv and run.trec must be in queries.jsonl. Every run candidate must be in
     corpus.jsonl; qrels may name documents outside the corpus (they still count as relevant, so recall
     shows the first stage's ceiling). A query without candidates in run.trec gets an empty candidate list.
@@ -27,7 +28,8 @@ A reranking evaluation dataset is one folder:
     not read. What a suite reranks is exactly the run's candidates (MRB: GME-2B's top 100).
   A suite is a folder whose sub-folders (hidden ones aside) are all such datasets.
 
-Errors name the file, the line and the id. Missing images are checked by existence only (cheap).
+Files are UTF-8 (a leading BOM is allowed). Errors name the file, the line and the id. Missing images are checked
+by existence only (cheap).
 """
 
 import json
@@ -37,13 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .metrics import Qrels, Run, parse_metric, rank, read_qrels, read_run, write_qrels, write_run
+from .metrics import Qrels, Run, parse_metric, rank, read_lines, read_qrels, read_run, write_qrels, write_run
+from .tokenizer import QWEN_SPECIAL_TOKENS
 
 TASK_TYPES = ("T->T", "I->I", "T->I", "T->VD", "I->T", "T->IT", "IT->T", "IT->I", "IT->IT")
 TASK_GROUP = {"T->T": "single-modal", "I->I": "single-modal",
               "T->I": "cross-modal", "T->VD": "cross-modal", "I->T": "cross-modal",
               "T->IT": "fused-modal", "IT->T": "fused-modal", "IT->I": "fused-modal", "IT->IT": "fused-modal"}
 META_FIELDS = ("name", "task", "instruction", "main_metric")
+# Control tokens of the Qwen2.5 chat format: inside an item's text they would be read as prompt structure
+# (transformers tokenizes them as special tokens), e.g. <|image_pad|> as an image slot with no image.
+SPECIAL_TOKENS = tuple(token for token, special in QWEN_SPECIAL_TOKENS if special)
 
 
 @dataclass
@@ -82,12 +88,14 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------------- JSON files
 def read_json(path: str | os.PathLike, hint: str = "") -> Any:
-    """The JSON value of a file; a missing or malformed file is a ValueError naming the path (then `hint`)."""
+    """The JSON value of a file; a missing, non-UTF-8 or malformed file is a ValueError naming the path (then
+    `hint`)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads("".join(line for _, line in read_lines(path)))
     except FileNotFoundError:
         raise ValueError(f"{path}: not found{hint}") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ValueError(f"{path}: cannot be read ({e.strerror}){hint}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}){hint}") from None
 
@@ -100,17 +108,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line of a JSONL file; errors name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
 
 
 # ---------------------------------------------------------------------------------------------------- items
@@ -135,9 +142,21 @@ def parse_item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str
     for key, value in (("text", text), ("image", image)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    text = text if text and text.strip() else None  # a blank text is no text, as "" is
     if not text and not image:
         raise ValueError(f"{where}: item has neither text nor image")
-    return Item(item_id, text or None, os.path.abspath(os.path.join(base, image)) if image else None)
+    return Item(item_id, text, os.path.abspath(os.path.join(base, image)) if image else None)
+
+
+def special_token(text: str | None) -> str | None:
+    """The first Qwen2.5 control token in `text` (see SPECIAL_TOKENS), or None."""
+    return next((t for t in SPECIAL_TOKENS if t in text), None) if text else None
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path` (made absolute, `..` resolved, symlinks kept) lies inside the folder `root`."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return os.path.commonpath([path, root]) == root
 
 
 def missing_image(item: Item) -> bool:
@@ -156,6 +175,8 @@ def _read_meta(path: str) -> dict:
     for key, value in meta.items():
         if not isinstance(value, str):
             raise ValueError(f"{path}: '{key}' must be a string, got {type(value).__name__}")
+        if key in ("name", "instruction") and not value.strip():
+            raise ValueError(f"{path}: '{key}' is blank; it must be a non-empty string")
     if meta["task"] not in TASK_TYPES:
         raise ValueError(f"{path}: unknown task type {meta['task']!r}; expected one of {', '.join(TASK_TYPES)}")
     try:
@@ -169,21 +190,20 @@ def _first_lines(path: str, keys: list[tuple[str, ...]]) -> dict[tuple[str, ...]
     """First line number of each key, (qid,) or (qid, docid), in a qrels/run file. Used on error paths only,
     since read_qrels/read_run return plain dicts."""
     keys, found = set(keys), {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            for key in ((cols[0],), (cols[0], cols[2])) if len(cols) > 2 else ():
-                if key in keys and key not in found:
-                    found[key] = n
+    for n, line in read_lines(path):
+        cols = line.split()
+        for key in ((cols[0],), (cols[0], cols[2])) if len(cols) > 2 else ():
+            if key in keys and key not in found:
+                found[key] = n
     return found
 
 
 def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: str = "raise") -> Dataset:
     """Load and validate one dataset folder.
 
-    on_error="skip" drops, instead of raising: items whose image is missing (a query takes its qrels and
-    candidates with it) and run candidates absent from the corpus; each drop adds its message to
-    dataset.skipped, so the caller can report the count. Every other problem always raises.
+    on_error="skip" drops, instead of raising: items whose image is missing or whose text holds a control token
+    (a query takes its qrels and candidates with it) and run candidates absent from the corpus; each drop adds
+    its message to dataset.skipped, so the caller can report the count. Every other problem always raises.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -197,7 +217,7 @@ def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: s
             raise ValueError(message)
         skipped.append(message)
 
-    items, dropped = {"queries.jsonl": {}, "corpus.jsonl": {}}, {"queries.jsonl": set(), "corpus.jsonl": set()}
+    items, dropped = {"queries.jsonl": {}, "corpus.jsonl": {}}, {"queries.jsonl": {}, "corpus.jsonl": {}}  # id: why
     for name in items:
         file = os.path.join(root, name)
         for n, obj in read_jsonl(file):
@@ -206,9 +226,15 @@ def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: s
             if item_id in items[name] or item_id in dropped[name]:
                 raise ValueError(f"{where}: duplicate id")
             item = parse_item(obj, item_id, where, root, allowed=("id", "text", "image"))
-            if check_images and missing_image(item):
+            if item.image and not inside(item.image, root):  # as write_dataset refuses it
+                raise ValueError(f"{where}: image {obj['image']!r} is outside the dataset folder {root}")
+            token = special_token(item.text)
+            if token:
+                bad(f"{where}: text contains the control token {token}")
+                dropped[name][item_id] = "its text contains a control token"
+            elif check_images and missing_image(item):
                 bad(f"{where}: image not found: {item.image}")
-                dropped[name].add(item_id)
+                dropped[name][item_id] = "its image is missing"
             else:
                 items[name][item_id] = item
     queries, corpus = items["queries.jsonl"], items["corpus.jsonl"]
@@ -227,7 +253,7 @@ def load_dataset(path: str | os.PathLike, check_images: bool = True, on_error: s
     absent = [(q, d) for q, docs in tables["run.trec"].items() for d in docs if d not in corpus]
     lines = _first_lines(run_file, absent) if absent else {}
     for qid, docid in sorted(absent, key=lines.get):  # in file order, so "raise" reports the first one
-        why = "its image is missing" if docid in dropped["corpus.jsonl"] else "it is not in corpus.jsonl"
+        why = dropped["corpus.jsonl"].get(docid, "it is not in corpus.jsonl")
         bad(f"{run_file}:{lines[(qid, docid)]}: query {qid!r}: candidate {docid!r} dropped: {why}")
     run = {q: {d: s for d, s in tables["run.trec"].get(q, {}).items() if d in corpus} for q in queries}
     return Dataset(meta["name"], meta["task"], meta["instruction"], meta["main_metric"], queries, corpus,
@@ -239,7 +265,10 @@ def load_suite(path: str | os.PathLike, check_images: bool = True, on_error: str
     """Load every dataset folder of a suite folder, or only those whose meta.json "name" is in `names` (the
     others' files are not read further, so an error in one does not stop another); sorted by name."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: suite folder not found")
+        raise ValueError(f"{path}: {'not a folder' if os.path.exists(path) else 'suite folder not found'}")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        raise ValueError(f"{path} is a dataset folder (it has meta.json), not a suite: give the folder that holds "
+                         "the dataset folders")
     folders = [os.path.join(path, d) for d in sorted(os.listdir(path))
                if not d.startswith(".") and os.path.isdir(os.path.join(path, d))]
     if not folders:
@@ -269,7 +298,7 @@ def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction:
     queries/corpus: Items (or {id: Item}); an image path is relative to `path` or absolute inside it, and the
     image file must already be there (the caller saves it, e.g. under path/images/).
     """
-    root = Path(path).absolute()
+    root = Path(os.path.abspath(path))
     root.mkdir(parents=True, exist_ok=True)
     meta = {"name": name, "task": task, "instruction": instruction, "main_metric": main_metric}
     if source is not None:
@@ -282,12 +311,10 @@ def write_dataset(path: str | os.PathLike, *, name: str, task: str, instruction:
                 if item.text is not None:
                     obj["text"] = item.text
                 if item.image is not None:
-                    image = Path(item.image)
-                    if image.is_absolute():
-                        if not image.is_relative_to(root):
-                            raise ValueError(f"{file}: id {item.id!r}: image {image} is outside the dataset {root}")
-                        image = image.relative_to(root)
-                    obj["image"] = image.as_posix()
+                    image = Path(os.path.normpath(root / item.image))  # a relative path is relative to root
+                    if not inside(image, root):
+                        raise ValueError(f"{file}: id {item.id!r}: image {item.image} is outside the dataset {root}")
+                    obj["image"] = image.relative_to(root).as_posix()
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     write_qrels(root / "qrels.tsv", qrels)
     write_run(root / "run.trec", run, run_tag)

@@ -35,6 +35,7 @@ is only a regulariser; 0 keeps training deterministic given the seed). Both are 
 """
 import contextlib
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -49,8 +50,12 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+            raise ValueError(f"LoRA rank must be positive (an integer), got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be a number in [0, 1), got {dropout!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in): same Parameter object, same state_dict key
         self.bias = base.bias  # (out,) or None

@@ -24,11 +24,14 @@ Which queries are averaged: those present in the run that have at least one rele
     than ours whenever such queries exist; on every query we do evaluate the values are identical.
 
 Files. qrels: "qid 0 docid rel" per line; run: "qid Q0 docid rank score tag" per line, whitespace
-separated, blank lines ignored; a doc id twice for one query is an error (trec_eval refuses it too).
+separated, blank lines ignored; a doc id twice for one query is an error (trec_eval refuses it too). Numbers
+are read as trec_eval's atoi/atof read them; spellings only Python accepts ("1_0", non-ASCII digits) are errors.
+Files are UTF-8.
 In Python both are dicts: qrels {qid: {docid: rel}}, run {qid: {docid: score}}.
 """
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -37,6 +40,10 @@ Qrels = dict[str, dict[str, int]]  # {qid: {docid: rel}}
 Run = dict[str, dict[str, float]]  # {qid: {docid: score}}
 DEFAULT_METRICS = ("ndcg@10", "recall@10", "mrr@10", "map")
 _METRIC_RE = re.compile(r"(ndcg|recall|mrr)@([1-9][0-9]*)|map")
+# Numbers as C's atoi/atof (trec_eval) read them: no Python-only spellings such as "1_0" (Python: 10, trec_eval: 1)
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns an undecodable byte into
 
 
 def parse_metric(name: str) -> tuple[str, int | None]:
@@ -100,26 +107,36 @@ def evaluate(qrels: Qrels, run: Run, metrics: Sequence[str] = DEFAULT_METRICS) -
     return {name: sum(q[name] for q in per_query.values()) / len(per_query) for name in metrics}
 
 
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) of a UTF-8 text file (a leading BOM is dropped, as JSON parsers may do, RFC 8259
+    §8.1); a byte that is not UTF-8 is a ValueError naming the file, the line and the column."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            bad = _NOT_UTF8.search(line)
+            if bad:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                                 f"{bad.start() + 1})")
+            yield n, line
+
+
 def _rows(path: str | os.PathLike, fields: int, fmt: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, columns) of a whitespace-separated file with exactly `fields` columns."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                continue
-            if len(cols) != fields:
-                raise ValueError(f"{path}:{n}: expected {fields} fields '{fmt}', got {len(cols)}: {line.strip()!r}")
-            yield n, cols
+    for n, line in read_lines(path):
+        cols = line.split()
+        if not cols:
+            continue
+        if len(cols) != fields:
+            raise ValueError(f"{path}:{n}: expected {fields} fields '{fmt}', got {len(cols)}: {line.strip()!r}")
+        yield n, cols
 
 
 def read_qrels(path: str | os.PathLike) -> Qrels:
     """TREC qrels file ("qid 0 docid rel", graded integer rel) -> {qid: {docid: rel}}."""
     qrels = {}
     for n, (qid, _, docid, rel) in _rows(path, 4, "qid 0 docid rel"):
-        try:
-            rel = int(rel)
-        except ValueError:
-            raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer") from None
+        if not _INT_RE.fullmatch(rel):
+            raise ValueError(f"{path}:{n}: relevance {rel!r} is not an integer")
+        rel = int(rel)
         if docid in qrels.setdefault(qid, {}):
             raise ValueError(f"{path}:{n}: duplicate judgement for query {qid!r} doc {docid!r}")
         qrels[qid][docid] = rel
@@ -130,11 +147,9 @@ def read_run(path: str | os.PathLike) -> Run:
     """TREC run file ("qid Q0 docid rank score tag") -> {qid: {docid: score}}; rank and tag are not kept."""
     run = {}
     for n, (qid, _, docid, rnk, score, _) in _rows(path, 6, "qid Q0 docid rank score tag"):
-        try:
-            int(rnk)
-            score = float(score)
-        except ValueError:
-            raise ValueError(f"{path}:{n}: rank {rnk!r} must be an integer and score {score!r} a number") from None
+        if not (_INT_RE.fullmatch(rnk) and _FLOAT_RE.fullmatch(score)):
+            raise ValueError(f"{path}:{n}: rank {rnk!r} must be an integer and score {score!r} a number")
+        score = float(score)
         if math.isnan(score):
             raise ValueError(f"{path}:{n}: query {qid!r} doc {docid!r} has a NaN score")
         if docid in run.setdefault(qid, {}):  # trec_eval refuses these too ("duplicate docs")
@@ -148,24 +163,41 @@ def _check_token(value: object, what: str) -> None:
         raise ValueError(f"{what} {value!r} cannot be written to a TREC file: it must be non-empty, no whitespace")
 
 
+def _write_lines(path: str | os.PathLike, lines: list[str]) -> None:
+    """Write the lines, all checked beforehand, so that a bad id or value leaves no half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def _value(value: object, what: str, integer: bool) -> float | int:
+    """A score (a number, not NaN) or a relevance grade (an integer) as the TREC file holds it."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or integer and not float(value).is_integer():
+        raise ValueError(f"{what} {value!r} must be {'an integer' if integer else 'a number (not NaN)'}")
+    return int(value) if integer else float(value)
+
+
 def write_run(path: str | os.PathLike, run: Run, tag: str) -> None:
     """Write {qid: {docid: score}} as a TREC run, each query's docs in trec_eval order with ranks 1, 2, ..."""
     _check_token(tag, "run tag")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, scores in run.items():
-            _check_token(qid, "query id")
-            for i, docid in enumerate(rank(scores)):
-                _check_token(docid, f"query {qid!r}: doc id")
-                f.write(f"{qid} Q0 {docid} {i + 1} {float(scores[docid])!r} {tag}\n")  # repr: exact round-trip
+    lines = []
+    for qid, scores in run.items():
+        _check_token(qid, "query id")
+        for docid, score in scores.items():
+            _check_token(docid, f"query {qid!r}: doc id")
+            _value(score, f"query {qid!r}: doc {docid!r}: score", integer=False)
+        lines += [f"{qid} Q0 {docid} {i + 1} {float(scores[docid])!r} {tag}\n"  # repr: exact round-trip
+                  for i, docid in enumerate(rank(scores))]
+    _write_lines(path, lines)
 
 
 def write_qrels(path: str | os.PathLike, qrels: Qrels) -> None:
-    """Write {qid: {docid: rel}} as a TREC qrels file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for qid, rels in qrels.items():
-            _check_token(qid, "query id")
-            for docid, rel in rels.items():
-                _check_token(docid, f"query {qid!r}: doc id")
-                f.write(f"{qid} 0 {docid} {int(rel)}\n")
+    """Write {qid: {docid: rel}} as a TREC qrels file (rel an integer grade: 0.5 is refused, not rounded)."""
+    lines = []
+    for qid, rels in qrels.items():
+        _check_token(qid, "query id")
+        for docid, rel in rels.items():
+            _check_token(docid, f"query {qid!r}: doc id")
+            lines.append(f"{qid} 0 {docid} {_value(rel, f'query {qid!r}: doc {docid!r}: relevance', True)}\n")
+    _write_lines(path, lines)

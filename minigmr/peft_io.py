@@ -94,8 +94,25 @@ def save_adapter(model: nn.Module, directory: str, extra_config: dict = None) ->
     os.replace(path + ".tmp", path)
 
 
+def _number(value) -> bool:
+    """An int or float that JSON wrote as a number (a bool is not one, though Python's isinstance says so)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _targeted(module: str, targets, excluded) -> bool:
+    """Whether peft injects LoRA into `module` (its name as the adapter file spells it) under the config's
+    target_modules / exclude_modules: a string is a full regex match, a list matches a whole name or a
+    trailing `.name` (peft.tuners.tuners_utils.check_target_module_exists); None / "all-linear" take all."""
+    def hit(rule):
+        if isinstance(rule, str):
+            return re.fullmatch(rule, module) is not None
+        return any(module == t or module.endswith("." + t) for t in rule)
+    return (targets in (None, "all-linear") or hit(targets)) and not (excluded and hit(excluded))
+
+
 def _read_config(directory: str):
-    """adapter_config.json -> (its path, r, scaling, dropout); refuses what is not plain LoRA."""
+    """adapter_config.json -> (its path, r, scaling, dropout, the config); refuses what is not plain LoRA and
+    fields of the wrong type."""
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
@@ -118,15 +135,26 @@ def _read_config(directory: str):
         raise ValueError(f"{path}: unsupported peft LoRA option(s) {bad}; minigmr loads plain LoRA only "
                          f"({'; '.join(NOT_PLAIN_LORA.get(k, 'rewrites the base weights') for k in bad)})")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)):
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or not _number(alpha):
         raise ValueError(f"{path}: needs a positive integer 'r' and a numeric 'lora_alpha', got r={r!r} "
                          f"lora_alpha={alpha!r}")
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r  # rsLoRA: alpha / sqrt(r)
-    return path, r, scaling, float(cfg.get("lora_dropout") or 0.0)
+    rslora, dropout = cfg.get("use_rslora") or False, cfg.get("lora_dropout") or 0.0  # null = peft's default
+    if not isinstance(rslora, bool):
+        raise ValueError(f"{path}: 'use_rslora' must be true or false, got {rslora!r}")
+    if not _number(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"{path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    for key in ("target_modules", "exclude_modules"):
+        value = cfg.get(key)
+        if not (value is None or isinstance(value, str) or
+                isinstance(value, list) and all(isinstance(t, str) for t in value)):
+            raise ValueError(f"{path}: '{key}' must be a string (a regex), a list of names or null, got {value!r}")
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: alpha / sqrt(r)
+    return path, r, scaling, float(dropout), cfg
 
 
-def _read_pairs(directory: str):
-    """adapter_model.safetensors -> (its path, {our module name: {"A": (key, tensor), "B": (key, tensor)}})."""
+def _read_pairs(directory: str, targets=None, excluded=None):
+    """adapter_model.safetensors -> (its path, {our module name: {"A": (key, tensor), "B": (key, tensor)}}).
+    A tensor of a module that target_modules / exclude_modules leave out is refused: peft would not load it."""
     path = os.path.join(directory, "adapter_model.safetensors")
     if not os.path.exists(path):
         if os.path.exists(os.path.join(directory, "adapter_model.bin")):
@@ -145,6 +173,10 @@ def _read_pairs(directory: str):
             if m is None:
                 raise ValueError(f"{path}: unexpected tensor {key!r}; expected "
                                  f"'{PEFT_PREFIX}<module>.lora_A.weight' or '.lora_B.weight'")
+            if not _targeted(m["module"], targets, excluded):
+                raise ValueError(f"{path}: tensor {key!r} is for {m['module']!r}, which adapter_config.json's "
+                                 f"target_modules {targets!r} / exclude_modules {excluded!r} leave out, so peft "
+                                 "would not load it")
             try:
                 ours = to_ours(m["module"] + ".weight")[: -len(".weight")]
             except KeyError:
@@ -162,8 +194,8 @@ def load_adapter(model: nn.Module, directory: str) -> list:
     r and lora_alpha (as `peft.utils.save_and_load.set_peft_model_state_dict` fills a PeftModel). Every tensor
     must be used and every shape must match; nothing in the model changes unless all checks pass. Returns the
     adapted module names in model order."""
-    cfg_path, rank, scaling, dropout = _read_config(directory)
-    path, pairs = _read_pairs(directory)
+    cfg_path, rank, scaling, dropout, cfg = _read_config(directory)
+    path, pairs = _read_pairs(directory, cfg.get("target_modules"), cfg.get("exclude_modules"))
     modules = dict(model.named_modules())
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:

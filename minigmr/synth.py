@@ -56,6 +56,7 @@ INIT_STD = 0.07
 # Caption-pretraining steps of the tiny checkpoint: enough grounding for the demo's reranker to learn on
 # (what it reaches: world.json "pretraining"; measurements: docs/experiments.md).
 PRETRAIN_STEPS = 2000
+N_HARD, N_DISTRACTORS = 8, 3  # per eval query: hard negatives, and random distractor documents in the corpus
 # Bumped whenever generation changes, so that an old world on disk is not silently reused (ensure_world).
 WORLD_VERSION = 3
 # Strings of the GMR prompt (docs/gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
@@ -125,10 +126,24 @@ def retriever_score(target: Group, groups: list, rng) -> float:
     return round(overlap + rng.gauss(0.0, RETRIEVER_NOISE), 4)
 
 
+def check_sizes(n_queries: int, n_candidates: int, n_train: int = 1) -> None:
+    """ValueError naming the argument (and its command-line flag) when a world of these sizes cannot be built:
+    each dataset draws N_DISTRACTORS documents per query from ALL_GROUPS without replacement, and its corpus
+    holds at least (1 + N_HARD + N_DISTRACTORS) documents per query."""
+    smallest_corpus = n_queries * (1 + N_HARD + N_DISTRACTORS)
+    for name, flag, value, top in (("n_queries", "--eval-queries", n_queries, len(ALL_GROUPS) // N_DISTRACTORS),
+                                   ("n_candidates", "--candidates", n_candidates, smallest_corpus),
+                                   ("n_train", "--train", n_train, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (top and value > top):
+            raise ValueError(f"{name} ({flag}) must be an integer in 1..{top or 'any'}, got {value!r}"
+                             + (" (the smallest corpus at this many eval queries)" if name == "n_candidates" else ""))
+
+
 def write_eval_dataset(folder: str, name: str, seed: int = 0, n_queries: int = 24, n_candidates: int = 30,
-                       n_hard: int = 8, p_partial: float = 0.4) -> dict:
+                       n_hard: int = N_HARD, p_partial: float = 0.4) -> dict:
     """Build one dataset of the suite, write it to `folder` and return it with its attribute records
     ({"queries": [{"id", "groups", ...}], "docs": [{"id", "groups"}], "qrels", "run"}) for inspection and tests."""
+    check_sizes(n_queries, n_candidates)
     task, qkind, dkind, instruction = TASKS[name]
     rng = random.Random(f"{seed}/eval/{name}")
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -138,7 +153,7 @@ def write_eval_dataset(folder: str, name: str, seed: int = 0, n_queries: int = 2
         ex = make_example(qkind, target, rng, n_hard, p_partial)
         queries.append({"id": f"q{i + 1:04d}", **ex["query"]})
         docs += [{"groups": g} for g in ex["positives"] + ex["hard"]]
-    docs += [{"groups": [g]} for g in rng.sample(ALL_GROUPS, 3 * n_queries)]  # random distractors
+    docs += [{"groups": [g]} for g in rng.sample(ALL_GROUPS, N_DISTRACTORS * n_queries)]  # random distractors
     if len(docs) < n_candidates:
         raise ValueError(f"{name}: corpus of {len(docs)} documents is smaller than n_candidates={n_candidates}")
     rng.shuffle(docs)  # so that doc ids say nothing about relevance
@@ -173,11 +188,15 @@ def write_training_data(folder: str, seed: int = 0, n_records: int = 3000, exclu
     `exclude` (the eval queries' targets) are never used. Pictures come from a small shared pool (3 renderings per
     group and kind; queries use rendering 0, documents 1 or 2) so thousands of records stay quick to write.
     Returns the attribute records [{"task", "query", "positives", "hard", "negatives"}] in file order."""
+    if isinstance(n_records, bool) or not isinstance(n_records, int) or n_records < 1:
+        raise ValueError(f"n_records (--train) must be a positive integer, got {n_records!r}")
+    exclude = set(exclude)
+    allowed = [g for g in ALL_GROUPS if g not in exclude]
+    if not allowed:
+        raise ValueError("every group is an eval query target, so no training query is left; use fewer eval queries")
     rng = random.Random(f"{seed}/train")
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     picture = picture_saver(folder, f"{seed}/train")
-    exclude = set(exclude)
-    allowed = [g for g in ALL_GROUPS if g not in exclude]
     names = [list(TASKS)[i % len(TASKS)] for i in range(n_records)]
     rng.shuffle(names)
     records, plain = [], lambda x: x if "image" in x else x["text"]  # text-only items as bare strings, as allowed
@@ -260,6 +279,7 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
 def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
                    n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS) -> dict:
     """Write suite/, train/train.jsonl and checkpoint/ under out_dir (plus world.json, written last)."""
+    check_sizes(n_eval_queries, n_candidates, n_train)
     suite = write_eval_suite(os.path.join(out_dir, "suite"), seed, n_eval_queries, n_candidates)
     eval_targets = {q["groups"][0] for ds in suite.values() for q in ds["queries"]}
     write_training_data(os.path.join(out_dir, "train"), seed, n_train, exclude=eval_targets)
@@ -282,6 +302,9 @@ def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
     manifest = os.path.join(out_dir, "world.json")
     if os.path.exists(manifest):
         have = read_json(manifest)
+        if not isinstance(have, dict):
+            raise ValueError(f"{manifest}: expected a JSON object (the world's settings); delete the folder to "
+                             "generate it again")
         want = {"version": WORLD_VERSION, "seed": seed, **kwargs}
         wrong = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if wrong:
@@ -323,6 +346,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.pretrain_steps < 0:
         p.error(f"--pretrain-steps must be >= 0, got {a.pretrain_steps}")
+    try:
+        check_sizes(a.eval_queries, a.candidates, a.train)
+    except ValueError as e:
+        p.error(str(e))
     paths = ensure_world(a.out, a.seed, n_eval_queries=a.eval_queries, n_candidates=a.candidates, n_train=a.train,
                          pretrain_steps=a.pretrain_steps)
     print(json.dumps(paths, indent=2))

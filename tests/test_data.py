@@ -167,6 +167,78 @@ def test_missing_image_raise_or_skip(tmp_path):
         load_dataset(root, on_error="skip")
 
 
+@pytest.mark.parametrize("file,lineno", [("queries.jsonl", 2), ("corpus.jsonl", 4), ("qrels.tsv", 3),
+                                          ("run.trec", 5), ("meta.json", 2)])
+def test_non_utf8_byte_names_file_line_and_column(tmp_path, file, lineno):
+    root, _ = _write(tmp_path)
+    lines = (root / file).read_bytes().split(b"\n")
+    lines[lineno - 1] = lines[lineno - 1][:3] + b"\xff" + lines[lineno - 1][3:]  # a Latin-1 byte, say
+    (root / file).write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=rf"{file}:{lineno}: not valid UTF-8 \(byte 0xff at column 4\)") as info:
+        load_dataset(root)
+    assert str(root / file) in str(info.value)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    root, ds = _write(tmp_path)
+    for file in ("meta.json", "queries.jsonl", "corpus.jsonl", "qrels.tsv", "run.trec"):  # as Notepad saves them
+        (root / file).write_bytes(b"\xef\xbb\xbf" + (root / file).read_bytes())
+    assert load_dataset(root) == ds
+
+
+@pytest.mark.parametrize("file,lineno,line,match", [
+    ("queries.jsonl", 1, '{"id": "q1", "text": " \\t "}', r"queries.jsonl:1: id 'q1': item has neither text nor image"),
+    ("corpus.jsonl", 2, '{"id": "d2", "image": "../elsewhere.png"}',
+     r"corpus.jsonl:2: id 'd2': image '../elsewhere.png' is outside the dataset folder"),
+    ("corpus.jsonl", 2, '{"id": "d2", "image": "images/../../toy2/images/d2.png"}',
+     r"corpus.jsonl:2: id 'd2': image 'images/../../toy2/images/d2.png' is outside the dataset folder"),
+    ("queries.jsonl", 2, '{"id": "q2", "image": "ABSOLUTE"}', r"queries.jsonl:2: id 'q2': image '/.*' is outside"),
+])
+def test_item_rules_of_write_dataset_hold_when_loading(tmp_path, file, lineno, line, match):
+    root, _ = _write(tmp_path)
+    _write(tmp_path, folder="toy2")  # a real image outside the dataset folder
+    _edit(root / file, lineno, line.replace("ABSOLUTE", str(tmp_path / "toy2" / "images" / "q2.png")))
+    with pytest.raises(ValueError, match=match) as info:
+        load_dataset(root, check_images=False)
+    assert str(root / file) in str(info.value)
+
+
+def test_blank_text_with_an_image_is_no_text(tmp_path):
+    root, _ = _write(tmp_path)
+    _edit(root / "corpus.jsonl", 1, '{"id": "d1", "text": "   ", "image": "images/d1.png"}')
+    assert load_dataset(root).corpus["d1"] == Item("d1", None, str(root / "images" / "d1.png"))  # as "" would be
+
+
+@pytest.mark.parametrize("meta,match", [({"name": ""}, r"'name' is blank"),
+                                        ({"instruction": " "}, r"'instruction' is blank")])
+def test_meta_blank_name_or_instruction(tmp_path, meta, match):
+    root, _ = _write(tmp_path)
+    (root / "meta.json").write_text(json.dumps({**json.loads((root / "meta.json").read_text()), **meta}))
+    with pytest.raises(ValueError, match=rf"meta.json: {match}"):
+        load_dataset(root)
+
+
+def test_control_token_in_text_raise_or_skip(tmp_path):
+    """<|image_pad|> or <|im_end|> in a text would be read as prompt structure: named at load, or dropped."""
+    root, _ = _write(tmp_path)
+    _edit(root / "corpus.jsonl", 3, '{"id": "d3", "text": "blue <|image_pad|>"}')
+    _edit(root / "queries.jsonl", 3, '{"id": "q3", "text": "nothing<|im_end|>"}')
+    with pytest.raises(ValueError, match=r"dataset 'toy': .*queries.jsonl:3: id 'q3': text contains the control "
+                                         r"token <\|im_end\|>"):
+        load_dataset(root)
+    ds = load_dataset(root, on_error="skip")
+    assert "q3" not in ds.queries and "d3" not in ds.corpus and ds.run["q1"] == {"d1": 0.5, "d2": 0.5, "d10": 0.5}
+    assert [m.split(": ", 2)[2] for m in ds.skipped] == [
+        "id 'q3': text contains the control token <|im_end|>", "id 'd3': text contains the control token "
+        "<|image_pad|>", "query 'q1': candidate 'd3' dropped: its text contains a control token"]
+
+
+def test_load_suite_given_a_dataset_folder(tmp_path):
+    root, _ = _write(tmp_path)
+    with pytest.raises(ValueError, match=rf"{root} is a dataset folder \(it has meta.json\), not a suite"):
+        load_suite(root)
+
+
 # ---------------------------------------------------------------- training data
 
 
@@ -213,6 +285,8 @@ R3 = {"id": "r3", "instruction": "x", "query": "q", "positives": ["p"]}  # a val
     ({**R3, "positives": "p"}, r"train.jsonl:3: id 'r3': 'positives' must be a list"),
     ({**R3, "query": {}}, r"train.jsonl:3: id 'r3': query: item has neither text nor image"),
     ({**R3, "query": 7}, r"train.jsonl:3: id 'r3': query: expected a string"),
+    ({**R3, "query": "  "}, r"train.jsonl:3: id 'r3': query: item has neither text nor image"),
+    ('{"id": "r3", "query": "caf\xe9"}', r"train.jsonl:3: not valid UTF-8 \(byte 0xe9 at column 27\)"),
     ({**R3, "positives": ["p", {"text": None}]},
      r"train.jsonl:3: id 'r3': positives\[1\]: item has neither text nor image"),
     ({**R3, "hard_negatives": [{"image": "img/none.png"}]},
@@ -222,7 +296,7 @@ R3 = {"id": "r3", "instruction": "x", "query": "q", "positives": ["p"]}  # a val
 ])
 def test_training_data_errors(tmp_path, line, match):
     path = _train_file(tmp_path, GOOD)
-    with open(path, "a") as f:
+    with open(path, "a", encoding="latin-1") as f:  # = UTF-8 for the ASCII that json.dumps writes
         record = {k: v for k, v in line.items() if v is not ...} if isinstance(line, dict) else line  # ... = drop
         f.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
     with pytest.raises(ValueError, match=match) as info:

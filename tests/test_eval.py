@@ -5,6 +5,8 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -303,6 +305,70 @@ def test_command_line_errors(suite, capsys):
     assert [d.name for d in load_suite(suite, names=["c_i2i", "a_t2t"])] == ["a_t2t", "c_i2i"]
 
 
+def test_control_token_in_a_document(suite, tmp_path, monkeypatch, capsys):
+    """<|image_pad|> in a document's text: named (file, line, id) before any scoring, or skipped and counted."""
+    corpus = suite / "a_t2t" / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    lines[2] = json.dumps({"id": "d2", "text": "see <|image_pad|> here"})
+    corpus.write_text("\n".join(lines) + "\n")
+    base = ["--suite", "mrb", "--data-dir", str(suite), "--model", str(tmp_path), "--datasets", "a_t2t",
+            "--cache-dir", str(tmp_path / "c")]
+    with pytest.raises(ValueError, match=r"dataset 'a_t2t': .*corpus.jsonl:3: id 'd2': text contains the control "
+                                         r"token <\|image_pad\|>"):
+        run_main(monkeypatch, capsys, base, FakeReranker())
+    results, out = run_main(monkeypatch, capsys, base + ["--on-error", "skip"], FakeReranker())
+    with_d2 = sum("d2" in docs for docs in read_trec(suite / "a_t2t" / "run.trec", 6).values())
+    assert results["datasets"]["a_t2t"]["skipped"] == 1 + with_d2 and "<|image_pad|>" in out
+
+
+def test_evaluate_suite_arguments(suite):
+    ds = load_suite(suite)[:1]
+    for top_k in (-1, 0, 2.5):  # -1 would slice off the last candidate
+        with pytest.raises(ValueError, match=rf"top_k must be a positive integer, got {top_k}"):
+            ev.evaluate_suite(ds, FakeReranker(), top_k, METRICS, progress=False)
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
+        ev.evaluate_suite(ds, FakeReranker(), 5, METRICS, on_error="ignore", progress=False)
+    with pytest.raises(ValueError, match="no datasets"):
+        ev.evaluate_suite([], FakeReranker(), 5, METRICS, progress=False)
+
+
+def test_batch_failure_no_single_item_reproduces_is_raised_as_is(suite):
+    class BatchOfOneOnly(FakeReranker):
+        def score(self, query, documents, instruction="", batch_size=None):
+            if len(documents) > 1:
+                raise ValueError("only one document at a time")
+            return super().score(query, documents, instruction, batch_size)
+    with pytest.raises(ValueError, match="^only one document at a time$"):  # nothing to blame an item for
+        ev.evaluate_suite(load_suite(suite)[:1], BatchOfOneOnly(), 5, METRICS, on_error="skip", progress=False)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--json", "DIR"], r"--json .*: is a folder; give a file name"),
+    (["--json", "FILE/out.json"], r"--json .*/out.json: .*/file is not a folder"),
+    (["--cache-dir", "FILE"], r"--cache-dir .*/file: is not a folder"),
+    (["--device", "nope"], r"--device nope: not a torch device"),
+    (["--model", "DIR/missing"], r"--model .*missing: no such folder"),
+    (["--adapter", "FILE"], r"--adapter .*/file: not a folder"),
+])
+def test_command_line_paths_checked_before_any_work(tmp_path, capsys, flags, match):
+    (tmp_path / "file").write_text("x")
+    flags = [f.replace("DIR", str(tmp_path)).replace("FILE", str(tmp_path / "file")) for f in flags]
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--data-dir", str(tmp_path)] + flags)
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("baseline, match", [
+    ({"overall": {"reranked": 0.5}, "config": "x"}, r"'config' is not what eval.py --json writes"),
+    ({"overall": {"reranked": 0.5}, "tasks": {"T->T": 3}}, r"'tasks' is not what eval.py --json writes"),
+    ({"overall": {"reranked": "high"}}, r"not an eval.py --json result \(no 'overall' numbers\)"),
+])
+def test_baseline_of_the_wrong_shape(tmp_path, baseline, match):
+    (tmp_path / "b.json").write_text(json.dumps(baseline))
+    with pytest.raises(ValueError, match=rf"--baseline .*b.json: {match}"):
+        ev.read_baseline(str(tmp_path / "b.json"), 100)
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def synth_suite(tmp_path_factory):
@@ -360,7 +426,7 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     assert sft["config"]["score"] == "sft" and cl["config"]["score"] == "cl"
     assert len(list((tmp_path / "cache").glob("synth_t2t-*.jsonl"))) == 2  # the score type is part of the key
     ds = next(d for d in load_suite(synth_suite / "suite") if d.name == "synth_t2t")
-    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score_type="cl")
+    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score="cl")
     item = lambda x: {k: v for k, v in (("text", x.text), ("image", x.image)) if v is not None}
     logit = {}
     for q in ds.queries:
@@ -386,6 +452,41 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
         ev.main(base + ["--baseline", str(tmp_path / "other.json")])
 
 
+def test_image_the_processor_refuses(synth_suite, tmp_path, capsys):
+    """An image that decodes but that the reranker refuses (aspect ratio over 200) is blamed on its dataset, query
+    and candidate; --on-error skip drops that candidate, or the query when it is the query's image."""
+    suite = tmp_path / "suite"
+    shutil.copytree(synth_suite / "suite" / "synth_it2it", suite / "synth_it2it")
+    Image.new("RGB", (2814, 14), "red").save(suite / "synth_it2it" / "images" / "wide.png")
+    ds = load_suite(suite)[0]
+    q, d = next(iter(ds.queries)), ds.candidates(next(iter(ds.queries)))[1]
+    hits = [x for x in ds.queries if d in ds.candidates(x)[:4]]
+
+    def point_at_wide(file, item_id):
+        lines = (suite / "synth_it2it" / file).read_text().splitlines()
+        lines = [json.dumps({**json.loads(x), "image": "images/wide.png"}) if json.loads(x)["id"] == item_id else x
+                 for x in lines]
+        (suite / "synth_it2it" / file).write_text("\n".join(lines) + "\n")
+
+    point_at_wide("corpus.jsonl", d)
+    argv = ["--data-dir", str(suite), "--model", str(synth_suite / "checkpoint"), "--top-k", "4",
+            "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=rf"^dataset 'synth_it2it': query '{hits[0]}': candidate '{d}' "
+                                         rf"\(image .*wide.png\): ValueError: .*aspect ratio"):
+        ev.main(argv)
+    results = ev.main(argv + ["--on-error", "skip"])["datasets"]["synth_it2it"]
+    assert results["skipped"] == len(hits) and all(f"candidate '{d}'" in m for m in results["skipped_items"])
+    clean = {x: {c: v for c, v in ds.run[x].items() if c != d} for x in ds.queries}
+    assert results["first_stage"] == evaluate(ds.qrels, clean, METRICS + ["ndcg@10"])  # as if d were not there
+    assert f"candidate '{d}' (image" in capsys.readouterr().out
+
+    point_at_wide("queries.jsonl", q)  # now the query's own image: the query is dropped, counted once
+    results = ev.main(argv + ["--on-error", "skip", "--cache-dir", str(tmp_path / "cache2")])
+    skipped = results["datasets"]["synth_it2it"]["skipped_items"]
+    assert sum(m.startswith(f"dataset 'synth_it2it': query '{q}' (image") for m in skipped) == 1
+    assert results["datasets"]["synth_it2it"]["queries"] == len(ds.queries) - 1
+
+
 def test_end_to_end_transformers_checkpoint(synth_suite, tmp_path, capsys):
     """A tiny random Qwen2_5_VLForConditionalGeneration saved by transformers, plus tokenizer and processor files."""
     model = tmp_path / "hf"
@@ -396,20 +497,28 @@ def test_end_to_end_transformers_checkpoint(synth_suite, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- converter
-def test_beir_to_suite(tmp_path):
+BEIR_CORPUS = [{"_id": "d1", "title": "Cats", "text": "cats purr"}, {"_id": "d2", "text": "dogs bark"},
+               {"_id": 3, "image": "pages/p1.png"}, {"_id": "d4", "title": "Never retrieved", "text": "x"}]
+
+
+def beir_source(tmp_path, corpus=BEIR_CORPUS, qrels="q1\td1\t1\nq2\t3\t2\nq2\td4\t1\n"):
+    """A BEIR folder (with one image document) and a run over it, under tmp_path."""
     src = tmp_path / "beir"
     (src / "qrels").mkdir(parents=True)
     (src / "pages").mkdir()
     Image.new("RGB", (40, 30), "white").save(src / "pages" / "p1.png")
-    corpus = [{"_id": "d1", "title": "Cats", "text": "cats purr"}, {"_id": "d2", "text": "dogs bark"},
-              {"_id": 3, "image": "pages/p1.png"}, {"_id": "d4", "title": "Never retrieved", "text": "x"}]
     (src / "corpus.jsonl").write_text("".join(json.dumps(c) + "\n" for c in corpus))
     queries = [{"_id": "q1", "text": "what purrs?"}, {"_id": "q2", "text": "show the page"},
                {"_id": "q9", "text": "a train-split query"}]
     (src / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\t3\t2\nq2\td4\t1\n")
+    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
     (tmp_path / "run.trec").write_text("q1 Q0 d2 1 0.9 gme\nq1 Q0 d1 2 0.8 gme\nq1 Q0 3 3 0.1 gme\n"
                                        "q2 Q0 3 1 0.7 gme\nq2 Q0 d1 2 0.7 gme\nq2 Q0 d2 3 0.2 gme\nq9 Q0 d4 1 1 gme\n")
+    return src
+
+
+def test_beir_to_suite(tmp_path):
+    src = beir_source(tmp_path)
     out = tmp_path / "suite" / "toy"
     beir.main([str(src), str(tmp_path / "run.trec"), str(out), "--name", "toy", "--task", "T->VD",
                "--instruction", "Find the page.", "--top-k", "2"])
@@ -427,3 +536,44 @@ def test_beir_to_suite(tmp_path):
     with pytest.raises(ValueError, match=r"run.trec: query 'q1': candidate 'd7' is not in corpus.jsonl"):
         beir.convert(src, tmp_path / "run.trec", tmp_path / "bad", name="bad", task="T->T", instruction="i",
                      main_metric="ndcg@10")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(qrels="q1\td1\t1\nq2\t3\t0.5\n"), r"qrels/test.tsv:3: score '0.5' is not an integer relevance grade"),
+    (dict(qrels="q1\td1\t1_0\n"), r"qrels/test.tsv:2: score '1_0' is not a number"),
+    (dict(corpus=[{**BEIR_CORPUS[0], "title": 5}] + BEIR_CORPUS[1:]),
+     r"corpus.jsonl:1: _id 'd1': 'title' must be a string, got int"),
+    (dict(corpus=BEIR_CORPUS[:2] + [{"_id": 3, "image": 7}] + BEIR_CORPUS[3:]),
+     r"corpus.jsonl:3: _id '3': 'image' must be a string, got int"),
+    (dict(corpus=[{**BEIR_CORPUS[0], "_id": True}] + BEIR_CORPUS[1:]),
+     r"corpus.jsonl:1: '_id' must be a string or an integer, got True"),
+    ("latin1", r"corpus.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 32\)"),
+    (dict(corpus=BEIR_CORPUS[:1] + [{"_id": "d2", "text": "dogs <|im_end|> bark"}] + BEIR_CORPUS[2:]),
+     r"corpus.jsonl:2: _id 'd2': text contains the control token <\|im_end\|>"),
+    (dict(corpus=BEIR_CORPUS[:1] + [{"_id": "d2", "title": " ", "text": "\t"}] + BEIR_CORPUS[2:]),
+     r"corpus.jsonl:2: _id 'd2' has neither text nor image"),
+    ("query_missing", r"queries.jsonl: query 'q2' of qrels/test.tsv is missing"),  # after the images are copied
+])
+def test_beir_to_suite_errors_leave_nothing_behind(tmp_path, edit, match):
+    src = beir_source(tmp_path, **(edit if isinstance(edit, dict) else {}))
+    if edit == "latin1":
+        (src / "corpus.jsonl").write_bytes((src / "corpus.jsonl").read_bytes().replace(b"dogs", b"dogs caf\xe9"))
+    if edit == "query_missing":
+        (src / "queries.jsonl").write_text('{"_id": "q1", "text": "what purrs?"}\n')
+    with pytest.raises(ValueError, match=match):
+        beir.main([str(src), str(tmp_path / "run.trec"), str(tmp_path / "suite" / "toy"), "--name", "toy",
+                   "--task", "T->VD", "--instruction", "Find the page.", "--top-k", "2"])
+    assert list((tmp_path / "suite").iterdir()) == []  # no output folder, no hidden .toy.partial-* folder
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--main-metric", "bogus"], r"--main-metric: unknown metric 'bogus'"),
+    (["--name", " "], r"--name must be a non-empty string"),
+    (["--instruction", ""], r"--instruction must be a non-empty string"),
+])
+def test_beir_to_suite_flags_checked_before_reading(tmp_path, flags, match):
+    argv = [str(tmp_path / "no_such_beir"), str(tmp_path / "no_such.trec"), str(tmp_path / "out"), "--name", "toy",
+            "--task", "T->T", "--instruction", "i"]
+    with pytest.raises(ValueError, match=match):
+        beir.main(argv + flags)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []

@@ -88,6 +88,18 @@ def test_init_like_peft_and_seeded():
         LoRALinear(nn.Linear(4, 4), rank=0, alpha=1)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank=2.5, alpha=1), r"rank must be positive \(an integer\), got 2.5"),
+    (dict(rank=True, alpha=1), r"rank must be positive \(an integer\), got True"),
+    (dict(rank=2, alpha=float("nan")), r"alpha must be a finite number, got nan"),
+    (dict(rank=2, alpha=1, dropout=-0.1), r"dropout must be a number in \[0, 1\), got -0.1"),
+    (dict(rank=2, alpha=1, dropout=1.5), r"dropout must be a number in \[0, 1\), got 1.5"),
+])
+def test_lora_linear_argument_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nn.Linear(4, 4), **kw)
+
+
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
@@ -391,6 +403,79 @@ def test_peft_conv3d_target_is_refused(hf_dir, tmp_path):
         pm.save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"targets 'vision.patch_embed', which is not an adaptable nn.Linear"):
         load_adapter(_ours(hf_dir), str(tmp_path))
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"lora_alpha": True}, r"numeric 'lora_alpha', got r=4 lora_alpha=True"),
+    ({"r": True}, r"positive integer 'r'.*got r=True"),
+    ({"use_rslora": "false"}, r"'use_rslora' must be true or false, got 'false'"),
+    ({"lora_dropout": 1.5}, r"'lora_dropout' must be a number in \[0, 1\), got 1.5"),
+    ({"lora_dropout": -0.5}, r"'lora_dropout' must be a number in \[0, 1\), got -0.5"),
+    ({"lora_dropout": "x"}, r"'lora_dropout' must be a number in \[0, 1\), got 'x'"),
+    ({"target_modules": 5}, r"'target_modules' must be a string \(a regex\), a list of names or null, got 5"),
+])
+def test_bad_adapter_config_values(hf_dir, peft_adapter, tmp_path, config, match):
+    d = _copy_adapter(peft_adapter[1], str(tmp_path / "a"), config=config)
+    model = _ours(hf_dir)
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(model, d)
+    assert os.path.join(d, "adapter_config.json") in str(err.value) and not lora.lora_modules(model)
+
+
+@pytest.mark.parametrize("targets, excluded", [(["nothing"], None), ("nothing", None), (["q_proj"], None),
+                                               (PEFT_TARGETS, ["qkv"])])
+def test_adapter_tensors_outside_target_modules_are_refused(hf_dir, peft_adapter, tmp_path, targets, excluded):
+    """peft injects by target_modules / exclude_modules, so a tensor they leave out would not load in peft."""
+    d = _copy_adapter(peft_adapter[1], str(tmp_path / "a"),
+                      config={"target_modules": targets, "exclude_modules": excluded})
+    model = _ours(hf_dir)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor 'base_model.model.model.*' is for "
+                                         r"'model.* which adapter_config.json's target_modules .* leave out"):
+        load_adapter(model, d)
+    assert not lora.lora_modules(model)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("not_json", r"adapter_config.json: not valid JSON"),
+    ("json_list", r"adapter_config.json: expected a JSON object, got list"),
+    ("truncated", r"adapter_model.safetensors: not a readable safetensors file"),
+    ("empty", r"adapter_model.safetensors: not a readable safetensors file"),
+])
+def test_unreadable_adapter_files_are_named(hf_dir, peft_adapter, tmp_path, case, match):
+    d = _copy_adapter(peft_adapter[1], str(tmp_path / "a"))
+    config, tensors = os.path.join(d, "adapter_config.json"), os.path.join(d, "adapter_model.safetensors")
+    if case in ("not_json", "json_list"):
+        with open(config, "w") as f:
+            f.write("{" if case == "not_json" else "[]")
+    else:
+        with open(tensors, "r+b") as f:
+            f.truncate(500 if case == "truncated" else 0)
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(_ours(hf_dir), d)
+    assert (config if case in ("not_json", "json_list") else tensors) in str(err.value)
+
+
+def test_dropout_adapter_loads_in_eval_mode(hf_dir, inputs, tmp_path):
+    """An adapter with lora_dropout > 0 loaded into a from_pretrained model (eval mode) scores deterministically,
+    as peft's PeftModel.from_pretrained gives eval-mode layers; .train() still turns the dropout on."""
+    model = _ours(hf_dir)
+    inject_lora(model, rank=4, alpha=8, dropout=0.3, seed=0)
+    with torch.no_grad():
+        for p in lora_parameters(model)[1::2]:
+            p.normal_(0, 0.5)
+    save_adapter(model, str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    fresh = Qwen25VL.from_pretrained(hf_dir)  # no .eval(): from_pretrained's own mode
+    load_adapter(fresh, str(tmp_path))
+    mods = lora.lora_modules(fresh)
+    assert mods and not fresh.training and not any(m.training for m in mods.values())
+    assert all(isinstance(m.dropout, nn.Dropout) and m.dropout.p == 0.3 for m in mods.values())
+    first, second = _run(fresh, inputs["image"]), _run(fresh, inputs["image"])
+    assert torch.equal(first, second)
+    pm = peft.PeftModel.from_pretrained(tiny_hf_model(seed=0), str(tmp_path))
+    torch.testing.assert_close(first, _run(pm, inputs["image"]), **TOL)
+    fresh.train()
+    assert not torch.equal(_run(fresh, inputs["image"]), first)  # the dropout is there, only off in eval
 
 
 def test_pickled_adapter_is_refused(hf_dir, peft_adapter, tmp_path):

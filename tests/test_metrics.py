@@ -197,3 +197,42 @@ def test_write_run_rejects_ids_with_whitespace(tmp_path):
         M.write_run(tmp_path / "run.trec", {"q": {"a b": 1.0}}, "t")
     with pytest.raises(ValueError, match="run tag 'my tag'"):
         M.write_run(tmp_path / "run.trec", {"q": {"a": 1.0}}, "my tag")
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("qrels.tsv", "q 0 a 1_0\n", r"qrels.tsv:1: relevance '1_0' is not an integer"),  # Python: 10, trec_eval: 1
+    ("qrels.tsv", "q 0 a \u0661\n", r"qrels.tsv:1: relevance '\u0661' is not an integer"),  # an Arabic-Indic 1
+    ("run.trec", "q Q0 a 1 1_000 t\n", r"run.trec:1: rank '1' must be an integer and score '1_000' a number"),
+    ("run.trec", "q Q0 a 1_0 1 t\n", r"run.trec:1: rank '1_0' must be an integer"),
+])
+def test_numbers_only_as_trec_eval_reads_them(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        (M.read_qrels if name == "qrels.tsv" else M.read_run)(tmp_path / name)
+
+
+def test_numbers_trec_eval_accepts(tmp_path):
+    (tmp_path / "qrels.tsv").write_text("q 0 a +1\nq 0 b -1\n")
+    (tmp_path / "run.trec").write_text("q Q0 a +1 1e3 t\nq Q0 b 2 -inf t\nq Q0 c 3 .5 t\n")
+    assert M.read_qrels(tmp_path / "qrels.tsv") == {"q": {"a": 1, "b": -1}}
+    assert M.read_run(tmp_path / "run.trec") == {"q": {"a": 1000.0, "b": float("-inf"), "c": 0.5}}
+
+
+@pytest.mark.parametrize("name", ["qrels.tsv", "run.trec"])
+def test_non_utf8_byte_names_file_line_and_column(tmp_path, name):
+    line = b"q 0 d\xff 1\n" if name == "qrels.tsv" else b"q Q0 \xff 1 0.5 t\n"
+    (tmp_path / name).write_bytes(line.replace(b"\xff", b"d") + line)
+    with pytest.raises(ValueError, match=rf"{name}:2: not valid UTF-8 \(byte 0xff at column 6\)"):
+        (M.read_qrels if name == "qrels.tsv" else M.read_run)(tmp_path / name)
+
+
+@pytest.mark.parametrize("writer, table, match", [
+    (M.write_qrels, {"q": {"a": 1, "b": 0.5}}, r"query 'q': doc 'b': relevance 0.5 must be an integer"),
+    (M.write_qrels, {"q": {"a": 1, "b": "1"}}, r"query 'q': doc 'b': relevance '1' must be an integer"),
+    (M.write_run, {"q": {"a": 1.0}, "r": {"b": float("nan")}}, r"query 'r': doc 'b': score nan must be a number"),
+    (M.write_run, {"q": {"a": 1.0, "b": None}}, r"query 'q': doc 'b': score None must be a number"),
+])
+def test_writers_refuse_values_they_cannot_write_and_leave_no_file(tmp_path, writer, table, match):
+    with pytest.raises(ValueError, match=match):
+        writer(tmp_path / "out", table, *(["t"] if writer is M.write_run else []))
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -208,3 +209,36 @@ def test_ensure_world_and_cli(world, tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a minigmr synthetic world"):
         synth.ensure_world(str(foreign))
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--candidates", "0"], r"n_candidates \(--candidates\) must be an integer in 1\.\.12, got 0"),
+    (["--candidates", "-3"], r"n_candidates \(--candidates\) must be an integer in 1\.\.12, got -3"),
+    (["--candidates", "13"], r"in 1\.\.12, got 13 \(the smallest corpus at this many eval queries\)"),
+    (["--train", "0"], r"n_train \(--train\) must be an integer in 1\.\.any, got 0"),
+    (["--eval-queries", "0"], r"n_queries \(--eval-queries\) must be an integer in 1\.\.240, got 0"),
+    (["--eval-queries", "10000"], r"n_queries \(--eval-queries\) must be an integer in 1\.\.240, got 10000"),
+])
+def test_cli_sizes_checked_before_any_work(tmp_path, capsys, flags, match):
+    base = {"--eval-queries": "1", "--candidates": "5", "--train": "5"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    with pytest.raises(SystemExit):
+        synth.main(["--out", str(tmp_path / "w"), "--pretrain-steps", "0", *sum(map(list, base.items()), [])])
+    assert re.search(match, capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary folder
+
+
+def test_api_sizes_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"n_candidates \(--candidates\) must be an integer in 1\.\.12, got -3"):
+        synth.write_eval_dataset(str(tmp_path / "d"), "synth_t2t", n_queries=1, n_candidates=-3)
+    with pytest.raises(ValueError, match=r"n_records \(--train\) must be a positive integer, got 0"):
+        synth.write_training_data(str(tmp_path / "t"), n_records=0)
+    with pytest.raises(ValueError, match=r"every group is an eval query target"):
+        synth.write_training_data(str(tmp_path / "t"), n_records=1, exclude=scenes.ALL_GROUPS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_world_json_not_an_object(tmp_path):
+    (tmp_path / "world.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"world.json: expected a JSON object"):
+        synth.ensure_world(str(tmp_path))

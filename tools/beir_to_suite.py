@@ -26,35 +26,37 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from minigmr.data import TASK_TYPES, Item, load_dataset, read_jsonl, write_dataset  # noqa: E402
-from minigmr.metrics import rank, read_run  # noqa: E402
+from minigmr.data import TASK_TYPES, Item, inside, load_dataset, read_jsonl, special_token, write_dataset  # noqa: E402
+from minigmr.metrics import parse_metric, rank, read_lines, read_run  # noqa: E402
 
 
 def read_beir_qrels(path):
     """{qid: {docid: rel}} from a BEIR qrels TSV (a header line, then query-id, corpus-id, score)."""
     qrels = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t")
-        header = next(rows, None)
-        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise ValueError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header}")
-        for n, row in enumerate(rows, 2):
-            if not row:
-                continue
-            if len(row) != 3:
-                raise ValueError(f"{path}:{n}: expected 3 tab-separated fields, got {row}")
-            qid, docid, score = (x.strip() for x in row)
-            try:
-                value = float(score)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
-            if not value.is_integer():  # trec_eval's qrels hold integers: 0.5 would silently become 0
-                raise ValueError(f"{path}:{n}: score {score!r} is not an integer relevance grade; map graded "
-                                 "or fractional judgements to integers (>= 1 relevant) before converting")
-            rel = int(value)
-            if docid in qrels.setdefault(qid, {}):
-                raise ValueError(f"{path}:{n}: duplicate judgement for query {qid!r} doc {docid!r}")
-            qrels[qid][docid] = rel
+    if not os.path.isfile(path):
+        splits = sorted(f[:-4] for f in os.listdir(os.path.dirname(path)) if f.endswith(".tsv")) \
+            if os.path.isdir(os.path.dirname(path)) else []
+        raise ValueError(f"{path}: not found; the qrels splits there: {splits or 'none'} (--split)")
+    rows = csv.reader((line for _, line in read_lines(path)), delimiter="\t")  # as BEIR's GenericDataLoader
+    header = next(rows, None)
+    if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
+        raise ValueError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header}")
+    for n, row in enumerate(rows, 2):
+        if not row:
+            continue
+        if len(row) != 3:
+            raise ValueError(f"{path}:{n}: expected 3 tab-separated fields, got {row}")
+        qid, docid, score = (x.strip() for x in row)
+        try:
+            value = float(score.replace("_", "x"))  # "1_0" is Python-only syntax, not a number to trec_eval
+        except ValueError:
+            raise ValueError(f"{path}:{n}: score {score!r} is not a number") from None
+        if not value.is_integer():  # trec_eval's qrels hold integers: 0.5 would silently become 0
+            raise ValueError(f"{path}:{n}: score {score!r} is not an integer relevance grade; map graded "
+                             "or fractional judgements to integers (>= 1 relevant) before converting")
+        if docid in qrels.setdefault(qid, {}):
+            raise ValueError(f"{path}:{n}: duplicate judgement for query {qid!r} doc {docid!r}")
+        qrels[qid][docid] = int(value)
     return qrels
 
 
@@ -64,18 +66,29 @@ def read_beir_items(path, keep, out_dir, is_corpus):
     for n, obj in read_jsonl(path):
         if obj.get("_id") in (None, ""):
             raise ValueError(f"{path}:{n}: missing '_id'")
+        if isinstance(obj["_id"], bool) or not isinstance(obj["_id"], (str, int)):
+            raise ValueError(f"{path}:{n}: '_id' must be a string or an integer, got {obj['_id']!r}")
         item_id = str(obj["_id"])  # ViDoRe's corpus-id is an integer
         if item_id not in keep:
             continue
+        if len(item_id.split()) != 1 or item_id.strip() != item_id:
+            raise ValueError(f"{path}:{n}: _id {item_id!r} has whitespace, which a TREC file cannot hold")
         if item_id in items:
             raise ValueError(f"{path}:{n}: duplicate _id {item_id!r}")
+        for key in ("title", "text", "image"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise ValueError(f"{path}:{n}: _id {item_id!r}: {key!r} must be a string, got "
+                                 f"{type(obj[key]).__name__}")
         parts = [obj.get("title"), obj.get("text")] if is_corpus else [obj.get("text")]
-        text = " ".join(p for p in parts if p) or None
+        text = " ".join(p for p in parts if p and p.strip()) or None  # a blank part is no part
+        if special_token(text):
+            raise ValueError(f"{path}:{n}: _id {item_id!r}: text contains the control token {special_token(text)}, "
+                             "which the reranker would read as prompt structure")
         image = obj.get("image")
         if image:
             src = os.path.normpath(os.path.join(base, image))
             rel = os.path.relpath(src, base)
-            if rel.startswith(".."):
+            if not inside(src, base):
                 raise ValueError(f"{path}:{n}: _id {item_id!r}: image {image!r} is outside {base}")
             if not os.path.isfile(src):
                 raise ValueError(f"{path}:{n}: _id {item_id!r}: image not found: {src}")
@@ -94,6 +107,15 @@ def convert(beir_dir, run_file, out_dir, *, name, task, instruction, main_metric
     sibling folder and renamed into place at the end, so a failed conversion leaves nothing behind."""
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    for flag, value in (("--name", name), ("--instruction", instruction)):  # meta.json's rules, before any work
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{flag} must be a non-empty string, got {value!r}")
+    if task not in TASK_TYPES:
+        raise ValueError(f"--task {task!r} is not one of {', '.join(TASK_TYPES)}")
+    try:
+        parse_metric(main_metric)
+    except ValueError as e:
+        raise ValueError(f"--main-metric: {e}") from None
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} already exists and is not an empty folder; remove it or choose another")
