@@ -33,11 +33,18 @@ beta * (1 - sigmoid(beta * margin)) that fades once the model is ~1/beta logits 
 
 Outputs in --out (layout in minigmr/train_state.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
-optimizer, RNG states, args) and merged/ (the trained model in the official Qwen2.5-VL layout with the processor
-files: loads in eval.py --model, Qwen25VL.from_pretrained and transformers).
+the optimizer state, RNG states and settings; safetensors and JSON only, so --resume never unpickles) and merged/
+(the trained model in the official Qwen2.5-VL layout with the processor files: loads in eval.py --model,
+Qwen25VL.from_pretrained and transformers).
+
+Bad input stops before any work where it can (flags, data, checkpoint, --resume), with `train.py: error:` and a
+message naming the flag, file, line or record; a flag the chosen --objective / --train mode does not read is an
+error when given. A non-finite loss, gradient norm or trained weight stops training before anything of that step
+is saved, naming the last good checkpoint.
 
 Test hooks (tests/test_train.py), environment variables rather than options: MINIGMR_TEST_STOP_AFTER_STEP=K saves
-step K and exits as if interrupted; MINIGMR_TEST_INJECT_NAN_AT_STEP=K makes step K's loss NaN.
+step K and exits as if interrupted; MINIGMR_TEST_INJECT_NAN_AT_STEP=K makes step K's loss NaN;
+MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP=K makes a trained weight NaN in step K's update.
 """
 import argparse
 import contextlib
@@ -60,7 +67,7 @@ from minigmr import losses, train_state
 from minigmr.lora import (TEXT_TARGETS, VISION_TARGETS, disable_adapters, inject_lora, lora_parameters,
                           mark_only_lora_trainable)
 from minigmr.model import Qwen25VL
-from minigmr.processor import Processor
+from minigmr.processor import ImageProcessor, Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
 from minigmr.train_data import GlobalBatches, load_training_data
@@ -75,6 +82,7 @@ TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision":
 # The test hooks of the module docstring, read here and nowhere else.
 STOP_AFTER_STEP = int(os.environ.get("MINIGMR_TEST_STOP_AFTER_STEP", 0)) or None
 INJECT_NAN_AT_STEP = int(os.environ.get("MINIGMR_TEST_INJECT_NAN_AT_STEP", 0)) or None
+INJECT_NAN_WEIGHT_AT_STEP = int(os.environ.get("MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP", 0)) or None
 
 # ----------------------------------------------------------------------------------------------------- arguments
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +139,8 @@ parser.add_argument("--max-pixels", type=int, default=None, help="cap on image p
                     "Default: the checkpoint's preprocessor_config.json")
 parser.add_argument("--max-length", type=int, default=3200, help="longest allowed prompt in tokens (paper: 3200). "
                     "Longer prompts stop training with an error naming the record: minigmr never truncates")
-parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping)")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no "
+                    "clipping)")
 parser.add_argument("--overfit-one-batch", action="store_true",
                     help="debugging: train on the first global batch at every step; the loss must go towards 0")
 parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
@@ -141,6 +150,12 @@ parser.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --out, bit-exactly as an uninterrupted run")
 parser.add_argument("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
 args = parser.parse_args()
+# The flags given on the command line, not defaulted: parsed again into a namespace that already has every name
+# (argparse then fills in no default). Only a given flag that the run would not read is an error.
+UNSET = object()
+given = {name for name, value in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(vars(args),
+                                                                                                   UNSET)))).items()
+         if value is not UNSET}
 
 # ----------------------------------------------------------------------------------------------------- processes
 # Under torchrun every process runs this file; RANK/LOCAL_RANK/WORLD_SIZE come from the environment (nanoGPT).
@@ -168,41 +183,99 @@ def barrier():
         dist.barrier()
 
 
-def fail(message):
-    """Stop every process with a clear message (all ranks reach this together: the checked values are all-reduced)."""
-    if master:
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+def fail(message, all_ranks=True):
+    """Stop with a clear message. all_ranks: every process reaches this call with the same message (the checked
+    values are identical or all-reduced), and the master prints it; False: only this process found the problem."""
+    if master or not all_ranks:
+        tqdm.write(f"train.py: error: {message}", file=sys.stderr)  # on its own line, also under the progress bar
     if ddp:
         dist.destroy_process_group()
     sys.exit(1)
 
 
+@contextlib.contextmanager
+def reported(prefix=""):
+    """Bad input that minigmr refuses (a ValueError or OSError whose message names the file, line, record or
+    flag) -> `train.py: error: ...` and exit status 1, not a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        fail(f"{prefix}{e}")
+
+
 # ----------------------------------------------------------------------------------------------------- settings
+args.train = args.train or ("full" if args.model is None else "lora")
+args.out = args.out or os.path.join("runs", args.objective)
+# What each numeric flag must be (a float flag also finite: nan and inf are refused); None = its default.
+RANGES = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+          "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "temperature": (lambda v: v > 0, "> 0"),
+          "beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+          "tau": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
+          "lora_rank": (lambda v: v >= 1, ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0 (scaling = alpha / r)"),
+          "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "negatives": (lambda v: v >= 1, ">= 1 (a group ranks its positive against negatives)"),
+          "hard_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "epochs": (lambda v: v > 0, "> 0"),
+          "warmup_steps": (lambda v: v >= 0, ">= 0"), "max_pixels": (lambda v: v > 0, "> 0"),
+          "seed": (lambda v: 0 <= v <= 2 ** 32 - world_size, f"in 0..{2 ** 32 - world_size} (numpy seeds process "
+                   "r with seed + r)"),
+          **{name: (lambda v: v >= 1, ">= 1") for name in ("steps", "micro_batch", "grad_accum", "save_every",
+                                                            "log_every", "max_length")}}
+# Flags that only some objectives / --train modes read: {flag: (which runs read it, does this run)}.
+LORA_READ = ("--train lora, lora+projector or lora+vision", args.train != "full")
+READ_BY = {"temperature": ("--objective infonce, or url with --weight cl",
+                           args.objective == "infonce" or (args.objective == "url" and args.weight == "cl")),
+           **dict.fromkeys(("beta", "label_smoothing"), ("--objective dpo", args.objective == "dpo")),
+           **dict.fromkeys(("tau", "weight", "direction"), ("--objective url", args.objective == "url")),
+           **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "vision_lora_targets"),
+                           LORA_READ)}
+problems = []
+for name, (ok, what) in RANGES.items():
+    value = getattr(args, name)
+    if value is not None and not (ok(value) and math.isfinite(value)):
+        kind = "a finite number " if isinstance(value, float) else ""
+        problems.append(f"--{name.replace('_', '-')} {value}: must be {kind}{what}")
+for name, (where, read) in READ_BY.items():
+    if name in given and not read:
+        problems.append(f"--{name.replace('_', '-')} is not read with --objective {args.objective} --train "
+                        f"{args.train}, only with {where}; leave it out")
+if args.steps is not None and args.epochs is not None:
+    problems.append("give --steps or --epochs, not both")
+if os.path.exists(args.out) and not os.path.isdir(args.out):
+    problems.append(f"--out {args.out}: exists and is not a folder")
+if problems:
+    fail("\n  ".join(problems))
 if args.model is None or args.data is None:
     if local_rank == 0:
         ensure_world(SYNTH_DIR)  # once per node; ensure_world is atomic, the other ranks wait
     barrier()
     synth = ensure_world(SYNTH_DIR)
-    args.train = args.train or ("full" if args.model is None else "lora")
     args.model = args.model or synth["checkpoint"]
     args.data = args.data or synth["train"]
-args.train = args.train or "lora"
 args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
-args.out = args.out or os.path.join("runs", args.objective)
 args.world_size = world_size
 args.global_batch = args.micro_batch * world_size * args.grad_accum
 G = args.micro_batch  # groups per micro-batch
-records = load_training_data(args.data)
-batches = GlobalBatches(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
-if args.steps is not None and args.epochs is not None:
-    parser.error("give --steps or --epochs, not both")
+with reported("--data: "):
+    records = load_training_data(args.data)
+    batches = GlobalBatches(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
 if args.epochs is not None:
     args.steps = math.ceil(args.epochs * len(records) / args.global_batch)
 args.steps = DEFAULT_STEPS[args.objective] if args.steps is None else args.steps
 args.warmup_steps = round(0.05 * args.steps) if args.warmup_steps is None else args.warmup_steps
-for name in ("steps", "micro_batch", "grad_accum", "save_every", "log_every", "max_length"):
-    if getattr(args, name) < 1:
-        parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+# --resume: the checkpoint is checked (no pickle, every file there) and its settings compared before the model loads
+last_saved = (train_state.checkpoints(args.out) or [None])[-1]
+resumed = None
+if args.resume:
+    if last_saved is None:
+        fail(f"--resume: no checkpoint (step-NNNNNN folder) in {args.out}")
+    with reported("--resume: "):
+        resumed = train_state.read_state(last_saved)
+    changed = train_state.changed_settings(resumed["args"], vars(args))
+    if changed:
+        fail(f"--resume from {last_saved}: settings differ from the checkpoint's (saved, now): {changed}; "
+             "use a new --out to train with other settings")
+elif last_saved is not None:
+    fail(f"{args.out} already holds checkpoints ({last_saved}); pass --resume or choose another --out")
 use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device_type == "cuda" and torch.cuda.is_bf16_supported())
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 torch.manual_seed(args.seed + rank)  # LoRA dropout masks differ per rank; everything else is seeded explicitly
@@ -213,8 +286,13 @@ np.random.seed(args.seed + rank)
 lora_on = args.train != "full"
 # With LoRA only, the frozen base can stay in bf16 (half the memory); anything that trains is kept in fp32.
 base_dtype = torch.bfloat16 if use_bf16 and args.train == "lora" else torch.float32
-model = Qwen25VL.from_pretrained(args.model, dtype=base_dtype)
-processor = Processor.from_pretrained(args.model, max_pixels=args.max_pixels)
+with reported():
+    model = Qwen25VL.from_pretrained(args.model, dtype=base_dtype)
+    train_state.storage_dtype(model.config, args.model)  # the merged export's dtype: checked now, not after training
+    min_pixels = ImageProcessor.from_pretrained(args.model).min_pixels
+    if args.max_pixels is not None and args.max_pixels < min_pixels:
+        fail(f"--max-pixels {args.max_pixels}: below min_pixels {min_pixels} of {args.model}/preprocessor_config.json")
+    processor = Processor.from_pretrained(args.model, max_pixels=args.max_pixels)
 yes_no = [processor.token_id("yes"), processor.token_id("no")]
 if lora_on:
     inject_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
@@ -252,9 +330,9 @@ class YesNoScorer(nn.Module):
             z, lengths = group_logits(self.model, processor, chats, self.yes_no_ids, max_length=args.max_length,
                                       return_lengths=True)
         except PromptTooLong as e:
-            raise ValueError(f"{args.data}: record {groups[e.group].record.id!r}: a prompt has {e.length} tokens > "
-                             f"--max-length {args.max_length}; minigmr never truncates (that would cut image tokens "
-                             "or the answer position). Raise --max-length or lower --max-pixels") from None
+            fail(f"{args.data}: record {groups[e.group].record.id!r}: a prompt has {e.length} tokens > --max-length "
+                 f"{args.max_length}; minigmr never truncates (that would cut image tokens or the answer position). "
+                 "Raise --max-length or lower --max-pixels", all_ranks=False)
         if self.trained_vision and not any("image" in x for _, query, docs in chats for x in (query, *docs)):
             # A text-only micro-batch never runs the vision tower: tie its trained weights in with weight 0, so that
             # every trained weight is in every graph (an exact zero gradient, no find_unused_parameters for DDP).
@@ -287,12 +365,9 @@ def all_reduce_sum(totals):
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 def save(step):
-    """Checkpoint (minigmr/train_state.py: atomic, older ones deleted) with every process's RNG state."""
-    states = [None] * world_size
-    if ddp:
-        dist.all_gather_object(states, train_state.rng_state())  # LoRA dropout masks differ per rank
-    else:
-        states[0] = train_state.rng_state()
+    """Checkpoint (minigmr/train_state.py: atomic, older ones deleted) with every process's RNG state (LoRA dropout
+    masks differ per rank)."""
+    states = train_state.all_rng_states(device)
     if master:
         train_state.save_checkpoint(args.out, step, model, optimizer, lora_ids, vars(args), states)
     barrier()
@@ -315,27 +390,24 @@ params = list(trainable.values())
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 os.makedirs(args.out, exist_ok=True)
 log_path, start = os.path.join(args.out, "log.jsonl"), 0
-last_saved = (train_state.checkpoints(args.out) or [None])[-1]
-if args.resume:
-    if last_saved is None:
-        fail(f"--resume: no checkpoint (step-NNNNNN folder) in {args.out}")
-    state = train_state.read_state(last_saved)
-    changed = train_state.changed_settings(state["args"], vars(args))
-    if changed:
-        fail(f"--resume from {last_saved}: settings differ from the checkpoint's (saved, now): {changed}; "
-             "use a new --out to train with other settings")
-    train_state.load_checkpoint(last_saved, model, optimizer, lora_ids)
-    if state["args"]["world_size"] == world_size:
-        train_state.set_rng_state(state["rng"][rank])
-    else:
-        print0(f"--resume: {state['args']['world_size']} -> {world_size} processes: RNG states not restored (only "
-               "LoRA dropout uses them)")
-    start = state["step"]
+if resumed is not None:
+    with reported("--resume: "):
+        train_state.load_checkpoint(last_saved, model, optimizer, lora_ids)
+        if resumed["args"]["world_size"] == world_size:
+            train_state.set_rng_state(last_saved, rank)
+        else:
+            print0(f"--resume: {resumed['args']['world_size']} -> {world_size} processes: RNG states not restored "
+                   "(only LoRA dropout uses them)")
+    start = resumed["step"]
     print0(f"resumed from {last_saved} (step {start})")
-elif last_saved is not None:
-    fail(f"{args.out} already holds checkpoints ({last_saved}); pass --resume or choose another --out")
+with reported("--resume: "):
+    kept, torn = train_state.read_log(log_path, start)  # every process checks the log, the master rewrites it
+if torn and master:
+    print(f"train.py: warning: {torn}", file=sys.stderr, flush=True)
+barrier()
 if master:
-    train_state.restart_log(log_path, start)
+    with open(log_path, "w") as f:
+        f.writelines(kept)
 scorer = YesNoScorer(model, yes_no, [param for name, param in trainable.items() if name.startswith("vision.")])
 ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else scorer
 ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
@@ -365,7 +437,8 @@ for step in bar:
     lr = lr_at(step - 1)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    groups = batches.at(0 if args.overfit_one_batch else step - 1)
+    with reported():
+        groups = batches.at(0 if args.overfit_one_batch else step - 1)
     mine = groups[rank * G * args.grad_accum:(rank + 1) * G * args.grad_accum]  # this rank's slice
     totals = Counter()  # summed over micro-batches (Counter.update adds)
     for micro in range(args.grad_accum):
@@ -388,8 +461,19 @@ for step in bar:
     check_finite(step, "loss", means["loss"], f"{args.objective} loss of the global batch")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
     check_finite(step, "gradient norm", grad_norm, f"global gradient norm, with finite loss {means['loss']:.6g}")
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. an lr whose step size overflows float32, or out of memory
+        fail(f"step {step}: the optimizer step failed ({e}) at lr {lr:.6g}. Nothing was saved for this step; last "
+             f"good checkpoint: {last_saved or 'none (none written yet)'}", all_ranks=False)
     optimizer.zero_grad(set_to_none=True)
+    if INJECT_NAN_WEIGHT_AT_STEP == step:
+        params[0].data[0] = float("nan")
+    if not torch.stack([param.isfinite().all() for param in params]).all():  # one sync; never save such weights
+        bad = [name for name, param in trainable.items() if not param.isfinite().all()]
+        fail(f"step {step}: the optimizer step made {len(bad)} trained weight tensor(s) non-finite, e.g. {bad[:3]} "
+             f"(loss {means['loss']:.6g}, gradient norm {grad_norm:.6g}, lr {lr:.6g}). Nothing was saved for this "
+             f"step; last good checkpoint: {last_saved or 'none (none written yet)'}")
     dt = time.time() - t0
     if master and step % args.log_every == 0:
         line = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt,

@@ -9,8 +9,9 @@ Training data is one JSONL file, one record per line:
      "hard_negatives": [doc, ...]}     optional: mined hard negatives
 
 where a doc is a bare string (= text) or {"text": str, "image": str}, and image paths are relative to the JSONL
-file's folder. A doc may not be both a positive and a negative of the same record. Errors name the file, the line
-and the id; blank lines are ignored.
+file's folder. The instruction is a non-empty string. A doc may not be both a positive and a negative of the same
+record, nor appear twice in one list (it would be sampled twice as often). Errors name the file, the line and the
+id; blank lines are ignored.
 
 A training group is one record's (instruction, query) with one positive and N negatives (NegativeSampler). The
 global batch of optimizer step k (GlobalBatches) is a pure function of (seed, k): every DDP rank draws the same one
@@ -66,14 +67,18 @@ def load_training_data(path: str | os.PathLike, check_images: bool = True) -> li
         missing = [k for k in ("instruction", "query", "positives") if k not in obj]
         if unknown or missing:
             raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
-        if not isinstance(obj["instruction"], str):
-            raise ValueError(f"{where}: 'instruction' must be a string")
+        if not isinstance(obj["instruction"], str) or not obj["instruction"].strip():
+            raise ValueError(f"{where}: 'instruction' must be a string (not empty), got {obj['instruction']!r}")
         query = doc(obj["query"], rid, f"{where}: query")
         docs = {}
         for key in ("positives", "negatives", "hard_negatives"):
             if not isinstance(obj.get(key, []), list):
                 raise ValueError(f"{where}: '{key}' must be a list of docs")
             docs[key] = [doc(d, f"{rid}/{key}[{i}]", f"{where}: {key}[{i}]") for i, d in enumerate(obj.get(key, []))]
+            first = {}
+            for i, d in enumerate(docs[key]):
+                if first.setdefault(_key(d), i) != i:
+                    raise ValueError(f"{where}: {key}[{i}] repeats {key}[{first[_key(d)]}]; list each doc once")
         if not docs["positives"]:
             raise ValueError(f"{where}: 'positives' is empty; a record needs at least one positive")
         positive_keys = {_key(d) for d in docs["positives"]}
@@ -122,8 +127,10 @@ class NegativeSampler:
     """
 
     def __init__(self, records: list[TrainRecord], num_negatives: int, hard_ratio: float = 0.5, seed: int = 0):
-        if num_negatives < 0 or not 0.0 <= hard_ratio <= 1.0:
-            raise ValueError(f"need num_negatives >= 0 and 0 <= hard_ratio <= 1, got {num_negatives}, {hard_ratio}")
+        if type(num_negatives) is not int or num_negatives < 0:
+            raise ValueError(f"num_negatives must be an int >= 0, got {num_negatives!r}")
+        if not isinstance(hard_ratio, (int, float)) or not 0.0 <= hard_ratio <= 1.0:
+            raise ValueError(f"hard_ratio must be a number in [0, 1], got {hard_ratio!r}")
         self.num_negatives = num_negatives
         self.num_hard = math.floor(num_negatives * hard_ratio + 0.5)
         self.corpus, self._index = [], {}  # [Item], {(text, image): position in corpus}

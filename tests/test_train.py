@@ -6,10 +6,15 @@
   - each objective lowers its loss on one fixed batch (overfit check); DPO starts at exactly (1+N) log 2
   - the merged export loads (minigmr and transformers) and scores like the model with its adapter applied
   - a prompt longer than --max-length is an error naming the record (never a silent truncation)
+  - bad flags (out of range, nan / inf, not read by the chosen objective or --train mode), a checkpoint that does
+    not fit and a log torn by a crash are named before any work; a step that makes weights non-finite saves nothing
+  - --resume reads safetensors and JSON only: a code-running pickle planted in any file it reads is refused with a
+    message naming the file, and never runs
 """
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,13 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigmr import peft_io
+from minigmr import peft_io, train_state
 from minigmr.losses import yes_no_logits
 from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
 from minigmr.prompt import gmr_messages
 from minigmr.synth import generate_world
-from minigmr.train_data import load_training_data
+from minigmr.train_data import NegativeSampler, load_training_data
 from minigmr.weights import to_ours
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,8 +113,10 @@ def runs(world, tmp_path_factory):
     train(world, split, *RESUME_ARGS, hooks={"MINIGMR_TEST_STOP_AFTER_STEP": 2})
     assert sorted(os.listdir(split)) == ["log.jsonl", "step-000002"]  # no merged export, no later step
     step2 = {"weights": weights(split / "step-000002"), "log": log(split)}
-    train(world, split, *RESUME_ARGS, "--resume")
-    return {"full": full, "split": split, "step2": step2}
+    with open(split / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # what a crash in the middle of step 3's log append leaves
+    resumed = train(world, split, *RESUME_ARGS, "--resume")
+    return {"full": full, "split": split, "step2": step2, "resume_stderr": resumed.stderr}
 
 
 def test_resume_equals_uninterrupted_run(runs):
@@ -121,13 +128,37 @@ def test_resume_equals_uninterrupted_run(runs):
     assert wa.keys() == wb.keys() and "visual.merger.mlp.0.weight" in wa
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # bit-exact: same data, same optimizer state, same order of ops
-    oa = torch.load(full / "step-000004" / "optimizer.pt", weights_only=False)
-    ob = torch.load(split / "step-000004" / "optimizer.pt", weights_only=False)
-    for i in oa["state"]:
-        assert torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"])
+    oa = load_file(full / "step-000004" / "optimizer.safetensors")  # "<param index>.exp_avg_sq", ...
+    ob = load_file(split / "step-000004" / "optimizer.safetensors")
+    assert oa.keys() == ob.keys() and any(k.endswith(".exp_avg_sq") for k in oa)
+    for i in oa:
+        assert torch.equal(oa[i], ob[i]), i
     merged = load_file(os.path.join(full, "merged", "model.safetensors"))
     for k, v in load_file(os.path.join(split, "merged", "model.safetensors")).items():
         assert torch.equal(merged[k], v), k
+
+
+def test_resume_drops_a_torn_last_log_line_with_a_warning(runs):
+    assert f"train.py: warning: {runs['split'] / 'log.jsonl'}:3: dropped a torn last line" in runs["resume_stderr"]
+
+
+@pytest.mark.parametrize("lines, error", [
+    (['{"step": 1}\n', '{"step": 2, "loss": 0.6{"step": 3}\n'], r"log.jsonl:2: Expecting ',' delimiter"),  # torn, then
+    # appended to by a later run: the torn line is no longer the last
+    (['{"step": 1}\n', '\n', '{"step": 2}\n'], r"log.jsonl:2: Expecting value"),
+    (['{"step": 1}\n', '{"step": 2, "loss": 0.6\n'], r"log.jsonl:2: Expecting"),  # has its newline: not torn
+    (['{"step": 1}\n', '[2]\n'], r"log.jsonl:2: expected a JSON object with an integer 'step'"),
+    ([b'{"step": 1}\n', b'{"step": 2, "note": "\xff"}\n'], r"log.jsonl:2: 'utf-8' codec can't decode byte 0xff"),
+])
+def test_a_bad_log_line_is_an_error_naming_file_and_line(tmp_path, lines, error):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"".join(x if isinstance(x, bytes) else x.encode() for x in lines))
+    with pytest.raises(ValueError, match=error):
+        train_state.read_log(str(path), 3)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "loss"')  # only a torn LAST line is dropped
+    assert train_state.read_log(str(path), 3) == (['{"step": 1}\n', '{"step": 2}\n'],
+                                                  f"{path}:3: dropped a torn last line (a crash while it was "
+                                                  "written): b'{\"step\": 3, \"loss\"'")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, runs, tmp_path):
@@ -224,3 +255,107 @@ def test_prompt_longer_than_max_length_is_an_error(world, tmp_path):
     assert r.returncode != 0
     assert "--max-length 20" in r.stderr and "record 'train-" in r.stderr and "never truncates" in r.stderr
     assert not any(d.startswith("step-") for d in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("flags, hooks, error", [
+    # finite loss and gradient norm, but the update leaves a trained weight NaN (the hook stands in for any cause)
+    ([], {"MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP": 2},
+     "step 2: the optimizer step made 1 trained weight tensor(s) non-finite, e.g. ['text.layers.0.attn.q_proj.lora_a']"),
+    # lr 1e39 is a finite float, but not AdamW's float32 step size: torch refuses the update
+    (["--lr", "1e39"], {}, "step 1: the optimizer step failed (value cannot be converted to type float without "
+                           "overflow) at lr 5e+38"),
+])
+def test_a_failed_or_non_finite_update_saves_nothing(world, tmp_path, flags, hooks, error):
+    r = train(world, tmp_path, "--train", "lora", "--micro-batch", "1", "--grad-accum", "1", "--steps", "3",
+              "--save-every", "1", *flags, hooks=hooks, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"train.py: error: {error}" in r.stderr, r.stderr[-2000:]
+    good = [f"step-{k:06d}" for k in range(1, hooks.get("MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP", 1))]
+    assert f"last good checkpoint: {tmp_path / good[-1] if good else 'none (none written yet)'}" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", *good]  # nothing of the failed step
+    assert [x["step"] for x in log(tmp_path)] == list(range(1, len(good) + 1))
+
+
+@pytest.mark.parametrize("flags, errors", [
+    (["--lr", "-1", "--weight-decay", "-1", "--max-grad-norm", "-1", "--seed", "-1", "--negatives", "0",
+      "--hard-ratio", "1.5", "--train", "lora", "--lora-rank", "0", "--lora-alpha", "0", "--lora-dropout", "1.5",
+      "--warmup-steps", "-5", "--max-pixels", "0", "--epochs", "0", "--objective", "url", "--weight", "cl",
+      "--temperature", "0", "--tau", "2", "--max-length", "0", "--out", "{file}"],
+     ["--lr -1.0: must be a finite number > 0", "--weight-decay -1.0: must be a finite number >= 0",
+      "--max-grad-norm -1.0: must be a finite number >= 0 (0: no clipping)", "--seed -1: must be in 0..4294967295",
+      "--negatives 0: must be >= 1", "--hard-ratio 1.5: must be a finite number in [0, 1]",
+      "--lora-rank 0: must be >= 1", "--lora-alpha 0.0: must be a finite number > 0",
+      "--lora-dropout 1.5: must be a finite number in [0, 1)", "--warmup-steps -5: must be >= 0",
+      "--max-pixels 0: must be > 0", "--epochs 0.0: must be a finite number > 0",
+      "--temperature 0.0: must be a finite number > 0", "--tau 2.0: must be a finite number in [0, 1]",
+      "--max-length 0: must be >= 1", "--out {file}: exists and is not a folder"]),
+    (["--lr", "inf", "--max-grad-norm", "nan", "--epochs", "inf", "--objective", "dpo", "--beta", "nan",
+      "--label-smoothing", "inf", "--train", "lora", "--lora-alpha", "inf"],
+     ["--lr inf: must be a finite number > 0", "--max-grad-norm nan: must be a finite number >= 0",
+      "--epochs inf: must be a finite number > 0", "--beta nan: must be a finite number > 0",
+      "--label-smoothing inf: must be a finite number in [0, 0.5]", "--lora-alpha inf: must be a finite number > 0"]),
+    (["--objective", "sft", "--train", "full", "--temperature", "1", "--beta", "0.1", "--label-smoothing", "0",
+      "--tau", "0.1", "--weight", "cl", "--direction", "cl", "--lora-rank", "4", "--lora-alpha", "8",
+      "--lora-dropout", "0.1", "--lora-targets", "q_proj", "--vision-lora-targets", "qkv", "--steps", "2",
+      "--epochs", "1"],
+     ["--temperature is not read with --objective sft --train full, only with --objective infonce, or url with "
+      "--weight cl", "--beta is not read with --objective sft --train full, only with --objective dpo",
+      "--label-smoothing is not read", "--tau is not read", "--weight is not read", "--direction is not read",
+      "--lora-rank is not read with --objective sft --train full, only with --train lora, lora+projector or "
+      "lora+vision", "--lora-alpha is not read", "--lora-dropout is not read", "--lora-targets is not read",
+      "--vision-lora-targets is not read", "give --steps or --epochs, not both"]),
+    (["--objective", "url", "--weight", "sft", "--temperature", "2"], ["--temperature is not read with --objective url"]),
+])
+def test_bad_flags_are_each_named_before_any_work(world, tmp_path, flags, errors):
+    out, file = tmp_path / "out", tmp_path / "file"
+    file.write_text("not a folder")
+    r = train(world, out, *(x.format(file=file) for x in flags), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("train.py: error: "), r.stderr
+    for error in errors:
+        assert error.format(file=file) in r.stderr, (error, r.stderr)
+    assert r.stderr.count("\n  ") == len(errors) - 1  # one line per problem, nothing else refused
+    assert not out.exists()  # nothing written
+
+
+def _checkpoint_copy(world, tmp_path, edit):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(world["checkpoint"], ckpt)
+    edit(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("edit, flags, error", [
+    (lambda c: None, ["--max-pixels", "100"], "--max-pixels 100: below min_pixels 3136 of {c}/preprocessor_config.json"),
+    (lambda c: (c / "config.json").write_text((c / "config.json").read_text().replace('"float32"', '"bogus"')), [],
+     "{c}/config.json: torch_dtype 'bogus' is not a torch dtype"),
+    (lambda c: (c / "tokenizer.json").unlink(), [], "tokenizer.json"),
+])
+def test_a_checkpoint_that_cannot_be_trained_or_exported_is_refused_before_training(world, tmp_path, edit, flags,
+                                                                                    error):
+    ckpt = _checkpoint_copy(world, tmp_path, edit)
+    r = train(world, tmp_path / "out", "--model", ckpt, "--steps", "1", *flags, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert error.format(c=ckpt) in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+# ------------------------------------------------------------------------------------------------ training data
+@pytest.mark.parametrize("record, error", [
+    ({"positives": ["p", "n", "p"]}, r"train.jsonl:1: id 'r': positives\[2\] repeats positives\[0\]"),
+    ({"hard_negatives": ["x", {"text": "x"}]}, r"train.jsonl:1: id 'r': hard_negatives\[1\] repeats hard_negatives\[0\]"),
+    ({"instruction": "  "}, r"train.jsonl:1: id 'r': 'instruction' must be a string \(not empty\), got '  '"),
+])
+def test_training_data_refuses_repeated_docs_and_an_empty_instruction(tmp_path, record, error):
+    # a doc listed twice would be sampled twice as often, silently; an empty instruction prompts with nothing
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "r", "instruction": "Find it.", "query": "q", "positives": ["p"], **record}))
+    with pytest.raises(ValueError, match=error):
+        load_training_data(path)
+
+
+@pytest.mark.parametrize("kwargs, error", [({"num_negatives": 2.5}, "num_negatives must be an int >= 0, got 2.5"),
+                                           ({"num_negatives": "2"}, "num_negatives must be an int >= 0, got '2'"),
+                                           ({"num_negatives": 2, "hard_ratio": "0.5"}, "hard_ratio must be a number")])
+def test_negative_sampler_checks_argument_types(world, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        NegativeSampler(load_training_data(world["train"]), **kwargs)
