@@ -20,7 +20,7 @@ A reranking evaluation dataset is one folder:
   - main_metric is the number the dataset reports, as minigmr.metrics names it: "ndcg@10", "recall@5", ...
   - Every item needs an "id" (a non-empty string, unique in its file) and a non-blank "text", an "image",
     or both; no other field is allowed. Blank lines are ignored. A text may not contain a Qwen2.5 control
-    token such as <|image_pad|> (SPECIAL_TOKENS), and an image path must stay inside the dataset folder.
+    token such as <|image_pad|> (tokenizer.special_token), and an image path must stay inside the dataset folder.
   - Every query id in qrels.tsv and run.trec must be in queries.jsonl. Every run candidate must be in
     corpus.jsonl; qrels may name documents outside the corpus (they still count as relevant, so recall
     shows the first stage's ceiling). A query without candidates in run.trec gets an empty candidate list.
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import Qrels, Run, parse_metric, rank, read_lines, read_qrels, read_run, write_qrels, write_run
-from .tokenizer import QWEN_SPECIAL_TOKENS
+from .tokenizer import special_token
 
 TASK_TYPES = ("T->T", "I->I", "T->I", "T->VD", "I->T", "T->IT", "IT->T", "IT->I", "IT->IT")
 TASK_GROUP = {"T->T": "single-modal", "I->I": "single-modal",
@@ -49,7 +49,6 @@ TASK_GROUP = {"T->T": "single-modal", "I->I": "single-modal",
 META_FIELDS = ("name", "task", "instruction", "main_metric")
 # Control tokens of the Qwen2.5 chat format: inside an item's text they would be read as prompt structure
 # (transformers tokenizes them as special tokens), e.g. <|image_pad|> as an image slot with no image.
-SPECIAL_TOKENS = tuple(token for token, special in QWEN_SPECIAL_TOKENS if special)
 
 
 @dataclass
@@ -146,11 +145,6 @@ def parse_item(obj: Any, item_id: str, where: str, base: str, allowed: tuple[str
     if not text and not image:
         raise ValueError(f"{where}: item has neither text nor image")
     return Item(item_id, text, os.path.abspath(os.path.join(base, image)) if image else None)
-
-
-def special_token(text: str | None) -> str | None:
-    """The first Qwen2.5 control token in `text` (see SPECIAL_TOKENS), or None."""
-    return next((t for t in SPECIAL_TOKENS if t in text), None) if text else None
 
 
 def inside(path: str, root: str) -> bool:

@@ -32,6 +32,13 @@ QWEN_SPECIAL_TOKENS = [
     ("<|fim_prefix|>", True), ("<|fim_middle|>", True), ("<|fim_suffix|>", True), ("<|fim_pad|>", True),
     ("<|repo_name|>", True), ("<|file_sep|>", True),
 ]
+SPECIAL_TOKENS = tuple(token for token, special in QWEN_SPECIAL_TOKENS if special)  # the control tokens
+
+
+def special_token(text: str | None) -> str | None:
+    """The first Qwen2.5 control token (<|im_end|>, <|image_pad|>, ...) inside `text`, or None: such text would be
+    read as prompt structure, not as text."""
+    return next((t for t in SPECIAL_TOKENS if t in text), None) if text else None
 
 
 def _set_qwen2_pipeline(tok: Tokenizer) -> Tokenizer:

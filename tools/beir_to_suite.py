@@ -26,8 +26,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from minigmr.data import TASK_TYPES, Item, inside, load_dataset, read_jsonl, special_token, write_dataset  # noqa: E402
+from minigmr.data import TASK_TYPES, Item, inside, load_dataset, read_jsonl, write_dataset  # noqa: E402
 from minigmr.metrics import parse_metric, rank, read_lines, read_run  # noqa: E402
+from minigmr.tokenizer import special_token  # noqa: E402
 
 
 def read_beir_qrels(path):
