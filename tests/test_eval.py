@@ -18,6 +18,7 @@ from PIL import Image
 from minigmr import synth
 from minigmr.data import Item, load_suite, write_dataset
 from minigmr.metrics import evaluate
+from minigmr.report import read_baseline, report
 from minigmr.scoring import Reranker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def test_numbers_equal_independent_computation(suite):
         assert results["overall"][field] == pytest.approx(mean(list(main), i), rel=1e-12)
 
     # the printed table shows these numbers on each dataset's row
-    lines = ev.report(results, top_k, METRICS).splitlines()
+    lines = report(results, top_k, METRICS).splitlines()
     for n, (first, reranked, ceiling) in main.items():
         row = next(line for line in lines if line.startswith(n + " "))
         assert f"{first:.4f}" in row and f"{reranked:.4f}" in row and f"{ceiling:.4f}" in row
@@ -366,7 +367,7 @@ def test_command_line_paths_checked_before_any_work(tmp_path, capsys, flags, mat
 def test_baseline_of_the_wrong_shape(tmp_path, baseline, match):
     (tmp_path / "b.json").write_text(json.dumps(baseline))
     with pytest.raises(ValueError, match=rf"--baseline .*b.json: {match}"):
-        ev.read_baseline(str(tmp_path / "b.json"), 100)
+        read_baseline(str(tmp_path / "b.json"), 100)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
