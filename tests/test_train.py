@@ -327,7 +327,7 @@ def _checkpoint_copy(world, tmp_path, edit):
 @pytest.mark.parametrize("edit, flags, error", [
     (lambda c: None, ["--max-pixels", "100"], "--max-pixels 100: below min_pixels 3136 of {c}/preprocessor_config.json"),
     (lambda c: (c / "config.json").write_text((c / "config.json").read_text().replace('"float32"', '"bogus"')), [],
-     "{c}/config.json: torch_dtype 'bogus' is not a torch dtype"),
+     "{c}/config.json: torch_dtype 'bogus' is not one of float32, bfloat16, float16"),
     (lambda c: (c / "tokenizer.json").unlink(), [], "tokenizer.json"),
 ])
 def test_a_checkpoint_that_cannot_be_trained_or_exported_is_refused_before_training(world, tmp_path, edit, flags,
