@@ -46,7 +46,6 @@ Test hooks (tests/test_train.py), environment variables rather than options: MIN
 step K and exits as if interrupted; MINIGMR_TEST_INJECT_NAN_AT_STEP=K makes step K's loss NaN;
 MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP=K makes a trained weight NaN in step K's update.
 """
-import argparse
 import contextlib
 import copy
 import math
@@ -64,98 +63,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minigmr import losses, train_state
-from minigmr.lora import (TEXT_TARGETS, VISION_TARGETS, disable_adapters, inject_lora, lora_parameters,
-                          mark_only_lora_trainable)
+from minigmr.lora import disable_adapters, inject_lora, lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.synth import ensure_world
+from minigmr.train_args import TRAIN_MODES, fill_step_defaults, flag_problems, parse_args
 from minigmr.train_data import GlobalBatches, load_training_data
 
 SYNTH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
-# Peak lr of the tiny demo, every objective: the best of the values tried (docs/experiments.md, train.py entries).
-DEMO_LR = 5e-4
-# Default --steps: the demo within minutes on a CPU (fewer for DPO, whose reference forward makes a step dearer).
-DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000}
-# What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
-TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
 # The test hooks of the module docstring, read here and nowhere else.
 STOP_AFTER_STEP = int(os.environ.get("MINIGMR_TEST_STOP_AFTER_STEP", 0)) or None
 INJECT_NAN_AT_STEP = int(os.environ.get("MINIGMR_TEST_INJECT_NAN_AT_STEP", 0)) or None
 INJECT_NAN_WEIGHT_AT_STEP = int(os.environ.get("MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP", 0)) or None
 
 # ----------------------------------------------------------------------------------------------------- arguments
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint folder (config.json + safetensors + "
-                    "tokenizer.json + preprocessor_config.json). Default: the synthetic data's tiny caption-"
-                    "pretrained checkpoint in data/synth (generated if absent)")
-parser.add_argument("--data", default=None, help="training JSONL (format: minigmr/train_data.py). Default: the "
-                    "synthetic data's")
-parser.add_argument("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
-                    help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the group's "
-                    "yes logits; dpo: yes-vs-no preference against the starting model; url: unified reranking "
-                    "loss, any --weight with any --direction (docs/gmr.md §2.3)")
-parser.add_argument("--weight", default="sft", choices=["sft", "cl", "ones"],
-                    help="url only: weight source W (docs/gmr.md §2.2)")
-parser.add_argument("--direction", default="sft", choices=["sft", "cl"],
-                    help="url only: direction source D (docs/gmr.md §2.2)")
-parser.add_argument("--tau", type=float, default=None, help="url only: zero the weight of documents already "
-                    "learned (positive p(yes) > 1-tau, negative p(yes) < tau), the paper's tau-mask (Table 2)")
-parser.add_argument("--temperature", type=float, default=1.0,
-                    help="InfoNCE temperature (also url with --weight cl); the paper reports none, i.e. 1")
-parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (Rafailov et al. and PIVOT: 0.1)")
-parser.add_argument("--label-smoothing", type=float, default=0.0, help="DPO conservative label smoothing, 0..0.5")
-parser.add_argument("--train", default=None, choices=list(TRAIN_MODES), help="what trains. lora: the LoRA adapters "
-                    "(the paper); lora+projector: + the patch merger; lora+vision: + the vision tower (as PIVOT); "
-                    "full: every weight, no LoRA. Default: full for the tiny demo model, lora with --model")
-parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (the paper: 16)")
-parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha; scaling = alpha / r")
-parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (0: deterministic)")
-parser.add_argument("--lora-targets", nargs="+", default=list(TEXT_TARGETS), choices=TEXT_TARGETS,
-                    help="text decoder projections that get LoRA (default: all seven)")
-parser.add_argument("--vision-lora-targets", nargs="*", default=[], choices=VISION_TARGETS,
-                    help="vision tower projections that get LoRA (default: none)")
-parser.add_argument("--negatives", type=int, default=2,
-                    help="negatives N per query (paper: 16; its analysis runs: 4; 2 keeps the CPU demo short)")
-parser.add_argument("--hard-ratio", type=float, default=0.5, help="share of the N negatives drawn from the record's "
-                    "hard negatives, the rest from the same instruction's records; 0.5 = the paper's 1:1")
-parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"peak learning rate (AdamW). Default: {DEMO_LR}, "
-                    "for the tiny demo; the paper uses 1e-4 with LoRA on 3B/7B")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"],
-                    help="lr schedule after warm-up (cosine and linear decay to 0 at the last step)")
-parser.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps. Default: 5%% of the steps")
-parser.add_argument("--steps", type=int, default=None,
-                    help=f"optimizer steps. Default unless --epochs is given: {DEFAULT_STEPS} (the tiny demo)")
-parser.add_argument("--epochs", type=float, default=None, help="passes over the records, instead of --steps")
-parser.add_argument("--micro-batch", type=int, default=4, help="groups (of 1+N prompts) per forward per process")
-parser.add_argument("--grad-accum", type=int, default=2, help="micro-steps per optimizer step per process; "
-                    "global batch = micro_batch x world_size x grad_accum groups")
-parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="compute dtype. auto: bf16 "
-                    "autocast on a GPU that supports it, else fp32 (bf16 matmuls are very slow on a CPU). Losses, "
-                    "scores and trained weights are always fp32")
-parser.add_argument("--max-pixels", type=int, default=None, help="cap on image pixels (tokens = pixels / 784). "
-                    "Default: the checkpoint's preprocessor_config.json")
-parser.add_argument("--max-length", type=int, default=3200, help="longest allowed prompt in tokens (paper: 3200). "
-                    "Longer prompts stop training with an error naming the record: minigmr never truncates")
-parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no "
-                    "clipping)")
-parser.add_argument("--overfit-one-batch", action="store_true",
-                    help="debugging: train on the first global batch at every step; the loss must go towards 0")
-parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
-parser.add_argument("--out", default=None, help="output folder (default: runs/<objective>)")
-parser.add_argument("--save-every", type=int, default=100, help="save a checkpoint every K steps and at the end")
-parser.add_argument("--resume", action="store_true",
-                    help="continue from the latest checkpoint in --out, bit-exactly as an uninterrupted run")
-parser.add_argument("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
-args = parser.parse_args()
-# The flags given on the command line, not defaulted: parsed again into a namespace that already has every name
-# (argparse then fills in no default). Only a given flag that the run would not read is an error.
-UNSET = object()
-given = {name for name, value in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(vars(args),
-                                                                                                   UNSET)))).items()
-         if value is not UNSET}
+# The flags, their defaults and checks: minigmr/train_args.py. given: the flags given on the command line.
+args, given = parse_args(description=__doc__)
 
 # ----------------------------------------------------------------------------------------------------- processes
 # Under torchrun every process runs this file; RANK/LOCAL_RANK/WORLD_SIZE come from the environment (nanoGPT).
@@ -204,45 +128,7 @@ def reported(prefix=""):
 
 
 # ----------------------------------------------------------------------------------------------------- settings
-args.train = args.train or ("full" if args.model is None else "lora")
-args.out = args.out or os.path.join("runs", args.objective)
-# What each numeric flag must be (a float flag also finite: nan and inf are refused); None = its default.
-RANGES = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-          "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "temperature": (lambda v: v > 0, "> 0"),
-          "beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
-          "tau": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
-          "lora_rank": (lambda v: v >= 1, ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0 (scaling = alpha / r)"),
-          "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-          "negatives": (lambda v: v >= 1, ">= 1 (a group ranks its positive against negatives)"),
-          "hard_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "epochs": (lambda v: v > 0, "> 0"),
-          "warmup_steps": (lambda v: v >= 0, ">= 0"), "max_pixels": (lambda v: v > 0, "> 0"),
-          "seed": (lambda v: 0 <= v <= 2 ** 32 - world_size, f"in 0..{2 ** 32 - world_size} (numpy seeds process "
-                   "r with seed + r)"),
-          **{name: (lambda v: v >= 1, ">= 1") for name in ("steps", "micro_batch", "grad_accum", "save_every",
-                                                            "log_every", "max_length")}}
-# Flags that only some objectives / --train modes read: {flag: (which runs read it, does this run)}.
-LORA_READ = ("--train lora, lora+projector or lora+vision", args.train != "full")
-READ_BY = {"temperature": ("--objective infonce, or url with --weight cl",
-                           args.objective == "infonce" or (args.objective == "url" and args.weight == "cl")),
-           **dict.fromkeys(("beta", "label_smoothing"), ("--objective dpo", args.objective == "dpo")),
-           **dict.fromkeys(("tau", "weight", "direction"), ("--objective url", args.objective == "url")),
-           **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "vision_lora_targets"),
-                           LORA_READ)}
-problems = []
-for name, (ok, what) in RANGES.items():
-    value = getattr(args, name)
-    if value is not None and not (ok(value) and math.isfinite(value)):
-        kind = "a finite number " if isinstance(value, float) else ""
-        problems.append(f"--{name.replace('_', '-')} {value}: must be {kind}{what}")
-for name, (where, read) in READ_BY.items():
-    if name in given and not read:
-        problems.append(f"--{name.replace('_', '-')} is not read with --objective {args.objective} --train "
-                        f"{args.train}, only with {where}; leave it out")
-if args.steps is not None and args.epochs is not None:
-    problems.append("give --steps or --epochs, not both")
-if os.path.exists(args.out) and not os.path.isdir(args.out):
-    problems.append(f"--out {args.out}: exists and is not a folder")
-if problems:
+if problems := flag_problems(args, given, world_size):  # every bad flag at once, before any work
     fail("\n  ".join(problems))
 if args.model is None or args.data is None:
     if local_rank == 0:
@@ -258,10 +144,7 @@ G = args.micro_batch  # groups per micro-batch
 with reported("--data: "):
     records = load_training_data(args.data)
     batches = GlobalBatches(records, args.global_batch, args.negatives, args.hard_ratio, args.seed)
-if args.epochs is not None:
-    args.steps = math.ceil(args.epochs * len(records) / args.global_batch)
-args.steps = DEFAULT_STEPS[args.objective] if args.steps is None else args.steps
-args.warmup_steps = round(0.05 * args.steps) if args.warmup_steps is None else args.warmup_steps
+fill_step_defaults(args, len(records))
 # --resume: the checkpoint is checked (no pickle, every file there) and its settings compared before the model loads
 last_saved = (train_state.checkpoints(args.out) or [None])[-1]
 resumed = None
