@@ -1,16 +1,16 @@
 """Configuration of a Qwen2.5-VL checkpoint: one flat dataclass per part.
 
 `Config.from_json(path)` reads a checkpoint's `config.json` in either of the two formats found in the wild
-(qwen25vl.md §1, Appendix B.2):
+(docs/qwen25vl.md §1, Appendix B.2):
   - the flat official format (Hub files of Qwen/Qwen2.5-VL-*-Instruct): text fields at the top level,
     `rope_scaling: {"type": "mrope", "mrope_section": [16, 24, 24]}`, `rope_theta`, `vision_config.in_chans`;
   - the nested format newer `transformers` (5.x) writes: `text_config{...}` with `rope_parameters{...}`,
     `vision_config{in_channels, ...}`, and the special-token ids at the top level.
-`Config.to_json()` writes the flat official format (plus the nested blocks, as transformers 4.5x re-saves do),
-so a minigmr checkpoint loads in `transformers` unchanged.
+`Config.save(directory)` writes the flat official format, so a minigmr checkpoint loads in `transformers`
+unchanged.
 
 Class defaults here are the checkpoint values of Qwen2.5-VL-3B, not transformers' class defaults
-(which differ: vision hidden_size 3584, tokens_per_second 4; pitfall §7.11).
+(which differ: vision hidden_size 3584, tokens_per_second 4; docs/qwen25vl.md pitfall §7.11).
 """
 import json
 import os
@@ -151,7 +151,7 @@ class Config:
             raise ValueError(f"{source}: 'vision_config' must be a JSON object, got {d['vision_config']!r}")
         vc = dict(d["vision_config"])
         vis_kw = {f.name: vc[f.name] for f in fields(VisionConfig) if f.name in vc}
-        if "in_chans" in vc:  # official checkpoint spelling (qwen25vl.md §1.2)
+        if "in_chans" in vc:  # official checkpoint spelling (docs/qwen25vl.md §1.2)
             vis_kw["in_channels"] = vc["in_chans"]
         if isinstance(vc.get("rope_parameters"), dict):
             vis_kw["rope_theta"] = vc["rope_parameters"].get("rope_theta", VisionConfig.rope_theta)
@@ -184,7 +184,7 @@ class Config:
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict:
-        """Flat official format, plus `text_config` for transformers >= 4.5x readers."""
+        """The flat official format (as the Hub checkpoints; transformers 4.x and 5.x both read it)."""
         t, v = asdict(self.text), asdict(self.vision)
         special = {k: t.pop(k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                          "vision_end_token_id")}
@@ -209,7 +209,7 @@ class Config:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str) -> "Config":
-        """The official shapes (qwen25vl.md §1): '3b' (tied head) or '7b' (untied head)."""
+        """The official shapes (docs/qwen25vl.md §1): '3b' (tied head) or '7b' (untied head)."""
         if name == "3b":
             return cls()
         if name == "7b":

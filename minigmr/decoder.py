@@ -1,7 +1,7 @@
 """The Qwen2 text decoder of Qwen2.5-VL, with multimodal RoPE (M-RoPE) and its position ids.
 
 Mirrors transformers `Qwen2_5_VLTextModel`, `Qwen2_5_VLDecoderLayer`, `Qwen2_5_VLAttention`,
-`Qwen2_5_VLRotaryEmbedding` and `Qwen2_5_VLModel.get_rope_index` (modeling_qwen2_5_vl.py, 5.x); qwen25vl.md §4.
+`Qwen2_5_VLRotaryEmbedding` and `Qwen2_5_VLModel.get_rope_index` (modeling_qwen2_5_vl.py, 5.x); docs/qwen25vl.md §4.
 
 Two things differ from a plain Qwen2:
   * positions are 3 streams (temporal, height, width), (3, B, S). Text tokens have three equal positions; the
@@ -13,6 +13,8 @@ Two things differ from a plain Qwen2:
 `TextModel.forward` accepts the keys/values of an already-encoded prefix (`past`), so a scorer can encode one
 query prefix once and reuse it for many documents.
 """
+from itertools import groupby
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,43 +26,42 @@ from .layers import GatedMLP, RMSNorm, apply_rotary
 
 # ----------------------------------------------------------------------------- positions
 def rope_position_ids(input_ids, attention_mask, image_grid_thw, cfg: TextConfig, merge: int = 2, start=0):
-    """3-D positions (3, B, S) for text + image tokens, mirroring `get_rope_index` of transformers 5.x.
+    """3-D positions (3, B, S) of text and image tokens, as transformers `Qwen2_5_VLModel.get_rope_index` (5.x).
 
-    Only tokens with attention_mask == 1 count (left or right padding both work); pads get position 0.
-    Each maximal run of `<|image_pad|>` tokens is one image, consuming the next row of `image_grid_thw`
-    (batch-major, in sequence order). `start` (int or (B,) tensor) offsets every row, e.g. the next position after
-    a cached prefix. Vectorised over tokens: no Python loop over the sequence, only tensor ops.
+    Row by row, over the valid tokens (attention_mask 1: left or right padding; pads get 0): a run of text tokens
+    counts up on all three streams; a run of `<|image_pad|>` tokens is one image, taking the next row of
+    `image_grid_thw` (batch-major, in sequence order), whose merged grid (t, h, w) gets (p + frame, p + row, p + col);
+    the text after it resumes at p + max(h, w). `start` (int or one per row) is the first position, e.g. the next
+    one after a cached prefix.
     """
     B, S = input_ids.shape
-    device = input_ids.device
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    is_img = (input_ids == cfg.image_token_id) & valid  # (B, S)
-    starts_run = is_img & ~F.pad(is_img, (1, 0))[:, :-1]  # first token of each image run
-    ends_run = is_img & ~F.pad(is_img, (0, 1))[:, 1:]  # last token of each image run
-    n_runs = int(starts_run.sum())
-    n_grids = 0 if image_grid_thw is None else image_grid_thw.shape[0]
-    if n_runs != n_grids:
-        raise ValueError(f"input_ids hold {n_runs} image-token runs but image_grid_thw has {n_grids} rows")
-    # per-token grid of the image it belongs to (llm units: merged tokens)
-    ordinal = (starts_run.flatten().cumsum(0) - 1).clamp(min=0).reshape(B, S)  # image number of each token
-    grid = (image_grid_thw.to(device) if n_grids else torch.ones(1, 3, dtype=torch.long, device=device)).long()
-    gh = (grid[:, 1] // merge).clamp(min=1)[ordinal]  # (B, S); clamp only guards text-only batches
-    gw = (grid[:, 2] // merge).clamp(min=1)[ordinal]
-    # how far each token moves the running position: text 1; an image max(H, W) at its last token (t = 0 images)
-    advance = torch.where(is_img, torch.where(ends_run, torch.maximum(gh, gw), 0), valid.long())
-    base = advance.cumsum(-1) - advance  # exclusive prefix sum: running position before each token
-    # inside an image run every token shares the run's base; j = index within the run
-    idx = torch.arange(S, device=device).expand(B, S)
-    run_start = torch.where(starts_run, idx, 0).cummax(-1).values  # (B, S) index of the current run's first token
-    j = idx - run_start
-    run_base = base.gather(1, run_start)
-    t_off = torch.where(is_img, j // (gh * gw), 0)  # frame (0 for still images)
-    h_off = torch.where(is_img, (j // gw) % gh, 0)
-    w_off = torch.where(is_img, j % gw, 0)
-    pos0 = torch.where(is_img, run_base, base)
-    pos = torch.stack([pos0 + t_off, pos0 + h_off, pos0 + w_off])  # (3, B, S)
-    start = torch.as_tensor(start, device=device).reshape(-1, 1)  # (B or 1, 1)
-    return torch.where(valid, pos + start, 0)
+    ids = input_ids.cpu()
+    valid = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    pos, used = torch.zeros(3, B, S, dtype=torch.long), 0  # used: image_grid_thw rows consumed so far
+    for b, p in enumerate(torch.as_tensor(start).expand(B).tolist()):
+        cols = valid[b].nonzero().flatten()  # the valid columns of this row
+        pieces = []
+        for is_image, run in groupby((ids[b, cols] == cfg.image_token_id).tolist()):
+            n = len(list(run))
+            if not is_image:  # text: one position further on all three streams per token
+                pieces.append(torch.arange(p, p + n).expand(3, n))
+                p += n
+                continue
+            if used == len(grids):
+                raise ValueError(f"input_ids hold more image-token runs than image_grid_thw's {len(grids)} rows")
+            t, h, w = grids[used][0], grids[used][1] // merge, grids[used][2] // merge
+            used += 1
+            if t * h * w != n:
+                raise ValueError(f"row {b}: an image-token run of {n} tokens for a grid of {t}x{h}x{w} merged tokens")
+            frame, y, x = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            pieces.append(torch.stack([frame, y, x]).reshape(3, n) + p)  # (3, t*h*w), raster order
+            p += max(h, w)
+        if pieces:
+            pos[:, b, cols] = torch.cat(pieces, dim=1)
+    if used != len(grids):
+        raise ValueError(f"input_ids hold {used} image-token runs but image_grid_thw has {len(grids)} rows")
+    return pos.to(input_ids.device)
 
 
 def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
@@ -88,15 +89,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=True)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None, last_only=False):
+    def key_values(self, x, cos, sin):
+        """Rotated keys and values (B, KV, S, Dh) of x (B, S, D): what a prefix cache holds."""
         B, S, _ = x.shape
         k = self.k_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)  # (B, KV, S, Dh)
         v = self.v_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)
-        k = apply_rotary(k, cos, sin)
-        if last_only:  # only the last query is needed: one row of q, of the mask, of the output
-            x, cos, sin, mask, S = x[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[..., -1:, :], 1
+        return apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, past=None):
+        B, S, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2), cos, sin)  # (B, H, S, Dh)
-        new_kv = (k, v)
+        new_kv = k, v = self.key_values(x, cos, sin)
         if past is not None:  # prefix keys/values, (1 or B, KV, P, Dh): broadcast over the batch without a copy
             k = torch.cat((past[0].expand(B, -1, -1, -1), k), dim=2)  # (B, KV, P+S, Dh)
             v = torch.cat((past[1].expand(B, -1, -1, -1), v), dim=2)
@@ -113,9 +116,9 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # post_attention_layernorm
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None, last_only=False):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past, last_only)
-        x = (x[:, -1:] if last_only else x) + a
+    def forward(self, x, cos, sin, mask, past=None):
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x)), kv
 
 
@@ -146,22 +149,20 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, past=None, past_mask=None, last_only=False):
+    def forward(self, inputs_embeds, position_ids, attention_mask, past=None, past_mask=None):
         """inputs_embeds (B, S, D), position_ids (3, B, S), attention_mask (B, S) of 0/1.
         past: list over layers of (k, v) (1 or B, KV, P, Dh) for a shared prefix, with past_mask (1 or B, P).
-        last_only: the last layer computes queries, MLP and norm for the last column only (B, 1, D) — all a
-        reranker needs (its keys/values for the other positions are still produced).
         Returns the final-norm hidden states (B, S, D) and this call's keys/values per layer."""
-        S = inputs_embeds.shape[1]
         cos, sin = mrope_cos_sin(position_ids, self.cfg, inputs_embeds.dtype)
-        mask = attention_mask_4d(attention_mask, S, past_mask)
+        mask = attention_mask_4d(attention_mask, inputs_embeds.shape[1], past_mask)
         x, kvs = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            p = None if past is None else past[i]
-            last = last_only and i == len(self.layers) - 1
-            if self.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, cos, sin, mask, p, last, use_reentrant=False)
-            else:
-                x, kv = layer(x, cos, sin, mask, p, last)
+            x, kv = self.run_layer(layer, x, cos, sin, mask, None if past is None else past[i])
             kvs.append(kv)
         return self.norm(x), kvs
+
+    def run_layer(self, layer: DecoderLayer, *args):
+        """layer(*args); under gradient checkpointing its activations are recomputed in the backward instead."""
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)

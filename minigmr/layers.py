@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 class RMSNorm(nn.Module):
     """y = w * (x / rms(x)). Normalise in fp32, cast back to the input dtype, *then* multiply by the weight:
-    the order transformers uses, which matters in bf16 (qwen25vl.md pitfall §7.7)."""
+    the order transformers uses, which matters in bf16 (docs/qwen25vl.md pitfall §7.7)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -30,9 +30,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x*cos + rotate_half(x)*sin, adding in place into x*cos: one big buffer fewer, same values (autograd-safe:
-    # the product's backward keeps its inputs, not its output)
-    return (x * cos).add_(rotate_half(x) * sin)
+    """RoPE on the last dim of x, cos/sin broadcast to it (transformers `apply_rotary_pos_emb`)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class GatedMLP(nn.Module):
@@ -48,20 +47,19 @@ class GatedMLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)  # (..., hidden) each
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(gate) * up)
-        # inference: activation and product in gate's own buffer. Two (..., hidden) buffers fewer is less memory
-        # and, on a CPU, fewer freshly mapped pages: their page faults made silu(g) * u 8x slower (measured)
+        # inference: the same product in gate's buffer; two fresh (..., hidden) buffers fewer (docs/experiments.md)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
-def length_groups(cu_seqlens: torch.Tensor) -> list:
-    """Host-side plan for `segment_attention`: the segments [cu[i], cu[i+1]) of a packed sequence grouped by
+def segments_by_length(cu_seqlens: torch.Tensor) -> list:
+    """Host-side plan for `segment_attention`: the segments [cu[i], cu[i+1]) of a packed sequence bucketed by
     length, as [(n, L, rows)] with rows the n*L row ids of those n segments of length L, in order (a slice when they
     are one contiguous run, else a (n*L,) long tensor). Computed once per forward, shared by every block."""
     bounds = cu_seqlens.tolist()
     by_len = {}
     for a, b in zip(bounds[:-1], bounds[1:]):
         by_len.setdefault(b - a, []).append(a)
-    groups = []
+    buckets = []
     for L, starts in by_len.items():
         n = len(starts)
         if starts == list(range(starts[0], starts[0] + n * L, L)):  # a contiguous run: a view, no gather
@@ -69,21 +67,21 @@ def length_groups(cu_seqlens: torch.Tensor) -> list:
         else:
             first = torch.tensor(starts, device=cu_seqlens.device)
             rows = (first[:, None] + torch.arange(L, device=cu_seqlens.device)).flatten()  # (n*L,)
-        groups.append((n, L, rows))
-    return groups
+        buckets.append((n, L, rows))
+    return buckets
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list) -> torch.Tensor:
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: list) -> torch.Tensor:
     """Non-causal attention inside each segment of a packed sequence, never across segments.
 
-    q, k, v: (N, H, Dh) -> (N, H, Dh); `groups` from `length_groups(cu_seqlens)`. transformers loops over segments
+    q, k, v: (N, H, Dh) -> (N, H, Dh); `buckets` from `segments_by_length(cu_seqlens)`. transformers loops over segments
     (or uses FA2 varlen). Here the segments of one length run as one batch: one SDPA call per distinct length, with
     no padding and no mask (most windows are full 8x8 = 64 patches; full attention has one segment per image, and
     padding mixed image sizes to the largest would waste quadratic work).
     """
     _, H, Dh = q.shape
     out = torch.empty_like(q)
-    for n, L, rows in groups:
+    for n, L, rows in buckets:
         pick = lambda t: t[rows].view(n, L, H, Dh).transpose(1, 2)  # (n, H, L, Dh)
         o = F.scaled_dot_product_attention(pick(q), pick(k), pick(v))  # (n, H, L, Dh)
         out[rows] = o.transpose(1, 2).reshape(n * L, H, Dh)

@@ -1,11 +1,13 @@
 """Qwen2.5-VL = vision tower + patch merger + Qwen2 decoder + LM head, wired as transformers'
-`Qwen2_5_VLForConditionalGeneration` (qwen25vl.md §3, §4.4).
+`Qwen2_5_VLForConditionalGeneration` (docs/qwen25vl.md §3, §4.4).
 
     pixel_values (N, 1176) --vision--> image features (N/4, D) --written at the <|image_pad|> positions-->
     token embeddings (B, S, D) --decoder with M-RoPE--> hidden (B, S, D) --LM head--> logits (B, S, V)
 
-A reranker needs only the last position and only the "yes"/"no" rows of the head; `hidden_states` and
-`head_rows` give exactly that without the (B, S, V) logits, and `forward` gives the full logits for parity.
+`forward` gives the full logits (for parity), `hidden_states` the decoder's output without the (B, S, V) logits.
+The lean entry is the decoder itself, `model.text(inputs_embeds, position_ids, attention_mask, past, past_mask)`,
+fed with embeddings, positions and a prefix cache its caller prepared (as transformers' `Qwen2_5_VLTextModel`
+takes `inputs_embeds`, `position_ids` and `past_key_values`): the fused scorer in scoring.py is that caller.
 """
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ import torch.nn as nn
 from .config import Config
 from .decoder import TextModel, rope_position_ids
 from .vision import VisionTower
+from .weights import load_into, save_checkpoint
 
 
 class Qwen25VL(nn.Module):
@@ -36,11 +39,15 @@ class Qwen25VL(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "Qwen25VL":
-        from .weights import load_checkpoint
-        return load_checkpoint(path, dtype=dtype, device=device)
+        """A checkpoint directory (config.json + safetensors): built on the meta device, then filled tensor by
+        tensor in `dtype` on `device` (weights.load_into), so the weights are never held twice."""
+        with torch.device("meta"):
+            model = cls(Config.from_json(path))
+        load_into(model, path, dtype=dtype, device=device)
+        return model.eval()
 
     def save_pretrained(self, path: str, dtype=None, max_shard_bytes=None) -> None:
-        from .weights import save_checkpoint
+        """config.json + safetensors in the official layout (loads in transformers); `dtype` casts on the way."""
         save_checkpoint(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
     # ------------------------------------------------------------------ pieces
@@ -57,42 +64,25 @@ class Qwen25VL(nn.Module):
         """(N/4, D) merged vision features of all images, in image order then raster order."""
         return self.vision(pixel_values, image_grid_thw)
 
-    def embed(self, input_ids, image_features=None, image_positions=None) -> torch.Tensor:
-        """Token embeddings with the image features written at the <|image_pad|> positions (masked_scatter).
-
-        `image_positions` (flat indices into B*S, host-checked by the caller) skips the count check, which would
-        otherwise read a device value back to the host: the scorer's loop stays free of synchronisation."""
+    def embed(self, input_ids, image_features=None) -> torch.Tensor:
+        """Token embeddings (B, S, D) with the image features written at the <|image_pad|> positions, in order
+        (transformers `Qwen2_5_VLModel.forward`: masked_scatter)."""
         x = self.text.embed_tokens(input_ids)  # (B, S, D)
-        if image_positions is not None:
-            flat = x.flatten(0, 1).index_copy(0, image_positions, image_features.to(x.dtype))  # (B*S, D)
-            return flat.view_as(x)
         is_img = input_ids == self.config.text.image_token_id
         n_tokens, n_feats = int(is_img.sum()), 0 if image_features is None else image_features.shape[0]
         if n_tokens != n_feats:
             raise ValueError(f"{n_tokens} <|image_pad|> tokens in input_ids but {n_feats} image features; "
                              "the processor must expand each image to (h*w/4) pad tokens")
-        if n_tokens:
-            x = x.masked_scatter(is_img[..., None], image_features.to(x.dtype))
-        return x
+        return x.masked_scatter(is_img[..., None], image_features.to(x.dtype)) if n_tokens else x
 
-    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                      image_features=None, past=None, past_mask=None, start_pos=0, position_ids=None,
-                      image_positions=None, last_only=False):
-        """Final-norm hidden states (B, S, D) and the per-layer keys/values of these tokens.
-
-        `image_features` may be passed precomputed (scorer: one vision pass per distinct image); `past`/`past_mask`
-        are the keys/values and mask of a shared prefix, whose next position is `start_pos`; `position_ids`
-        (3, B, S) may be precomputed on the host. `last_only` returns only the last column (B, 1, D) and skips the
-        last layer's work for the other positions (their keys/values are still computed): left padding only."""
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Final-norm hidden states (B, S, D) of whole prompts, and the keys/values of every layer."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, image_grid_thw)
-        x = self.embed(input_ids, image_features, image_positions)
-        if position_ids is None:
-            position_ids = rope_position_ids(input_ids, attention_mask, image_grid_thw, self.config.text,
-                                             self.config.vision.spatial_merge_size, start=start_pos)  # (3, B, S)
-        return self.text(x, position_ids, attention_mask, past=past, past_mask=past_mask, last_only=last_only)
+        feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
+        positions = rope_position_ids(input_ids, attention_mask, image_grid_thw, self.config.text,
+                                      self.config.vision.spatial_merge_size)  # (3, B, S)
+        return self.text(self.embed(input_ids, feats), positions, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
         """Full logits (B, S, V), same meaning as transformers' `Qwen2_5_VLForConditionalGeneration(...).logits`."""

@@ -4,7 +4,7 @@ An image becomes a sequence of 14x14 patches. It is first resized so both sides 
 (patch 14 x merge 2) and its pixel count lies in [min_pixels, max_pixels] (`smart_resize`), then rescaled and
 CLIP-normalised, repeated to 2 frames (the vision tower's Conv3d has temporal kernel 2) and cut into rows of
 3*2*14*14 = 1176 numbers. Rows are ordered so that the 4 patches of every 2x2 block are consecutive: the patch
-merger later concatenates each group of 4 rows into one LLM token. So an image with a grid of gh x gw patches
+merger later concatenates each run of 4 rows into one LLM token. So an image with a grid of gh x gw patches
 gives gh*gw rows of pixel_values and gh*gw/4 `<|image_pad|>` tokens in the text.
 
 The text side is the Qwen2.5-VL chat format:
@@ -273,12 +273,17 @@ class Processor:
         for text, n in zip(texts, n_images):
             ids.append(self.encode(text, grid[start:start + n] if n else None))
             start += n
-        S = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), S), self.pad_id, dtype=torch.long)  # (B, S)
-        attention_mask = torch.zeros((len(ids), S), dtype=torch.long)  # (B, S)
-        for b, x in enumerate(ids):
-            cols = slice(S - len(x), S) if padding_side == "left" else slice(0, len(x))
-            input_ids[b, cols] = torch.tensor(x, dtype=torch.long)
-            attention_mask[b, cols] = 1
+        input_ids, attention_mask = pad(ids, self.pad_id, padding_side)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def pad(seqs: list, pad_id: int, side: str = "left", multiple: int = 1) -> tuple:
+    """Token-id lists -> ids (B, S) and attention mask (B, S) of 0/1, S the longest rounded up to `multiple`."""
+    S = -(-max(len(s) for s in seqs) // multiple) * multiple
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        cols = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+        ids[b, cols], mask[b, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask

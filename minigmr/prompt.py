@@ -1,7 +1,7 @@
 """The GMR prompt: how (instruction, query, document) becomes one chat, in one place.
 
-Mirrors the lychee-rerank-mm inference script (gmr.md §1.3): the Qwen3-Reranker system prompt, then one user turn
-whose content list is
+Mirrors the lychee-rerank-mm inference script (docs/gmr.md §1.3): the Qwen3-Reranker system prompt, then one user
+turn whose content list is
 
     "<Instruct>: {instruction}"  "<Query>:"  [query image]  [query text]  "\\n<Document>:"  [document image]  [document text]
 
@@ -16,7 +16,7 @@ and the assistant generation prompt. Rendered with the Qwen2.5-VL chat template 
     {yes | no}
 
 Everything up to the end of the query is the same for every candidate document: the scorer encodes it once.
-The paper's own template figure was not available (gmr.md §7); train and evaluate with the same layout.
+The paper's own template figure was not available (docs/gmr.md §7); train and evaluate with the same layout.
 """
 import os
 from dataclasses import dataclass

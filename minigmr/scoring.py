@@ -9,26 +9,28 @@ projects every position onto the whole vocabulary. The fused loop does the same 
   3. prefix: the shared part is encoded once; its keys/values are reused by every candidate;
   4. candidates: sorted by length and cut into batches of at most `batch_size` candidates and (on a CPU)
      `max_batch_tokens` padded tokens (little padding, buffers small enough to be reused), left-padded, and run
-     on top of the prefix keys/values; the last layer only computes the last position (`last_only`);
+     on top of the prefix keys/values; the last layer only computes the last position (`last_token_states`);
   5. head: only the last hidden state is projected, and only onto the "yes" and "no" rows of the LM head, in fp32.
 
-All host-side work (tokens, padding, position ids, image-token indices) is done before the loop, so the loop has
+All host-side work (tokens, padding, position ids, image-token slots) is done before the loop, so the loop has
 no host synchronisation (no `.item()`, no branching on device values) and can run under CUDA graphs /
 torch.compile. Weights are bf16 on a GPU and fp32 on a CPU; scores are always fp32.
-`group_logits` is the same computation with autograd for training (many queries at once, all candidates in one
-batch); `reference_logits` is the plain path, kept for the tests to compare against.
+A "group" is one query with its candidate documents. `group_logits` is the same computation with autograd for
+training (many groups at once); `reference_logits` is the plain path, kept for the tests to compare against.
 """
 import json
 import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .decoder import rope_position_ids
+from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
+from .lora import load_adapter, merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
-from .processor import Processor
-from .prompt import DEFAULT_INSTRUCTION, as_item, gmr_messages, query_messages
+from .processor import Processor, pad
+from .prompt import DEFAULT_INSTRUCTION, Item, as_item, gmr_messages, query_messages
 
 
 def default_device_dtype(device=None, dtype=None):
@@ -43,20 +45,22 @@ class ImageBank:
     def __init__(self, processor: Processor):
         self.processor, self.sources, self.key_of = processor, [], {}
 
-    def add(self, image) -> int:
-        key = os.path.abspath(image) if isinstance(image, str) else id(image)
+    def add(self, item: Item) -> list:
+        """The bank ids of the item's images ([] or [id])."""
+        if item.image is None:
+            return []
+        key = os.path.abspath(item.image) if isinstance(item.image, str) else id(item.image)
         if key not in self.key_of:
             self.key_of[key] = len(self.sources)
-            self.sources.append(image)
-        return self.key_of[key]
+            self.sources.append(item.image)
+        return [self.key_of[key]]
 
     def preprocess(self):
         """Patches (n_i, 1176) and grids (3,) of every image, in one image-processor call."""
-        if not self.sources:
-            self.patches, self.grids = [], []
-            return
-        pixel_values, grids = self.processor.image_processor(self.sources)
-        self.patches, self.grids = list(pixel_values.split(grids.prod(-1).tolist())), list(grids)
+        self.patches, self.grids = [], []
+        if self.sources:
+            pixel_values, grids = self.processor.image_processor(self.sources)
+            self.patches, self.grids = list(pixel_values.split(grids.prod(-1).tolist())), list(grids)
 
     def features(self, model: Qwen25VL, max_patches: int = 16384) -> list:
         """(tokens_i, D) features per image; the vision tower runs on chunks of at most `max_patches` patches."""
@@ -73,24 +77,51 @@ class ImageBank:
         return feats
 
 
-def tokenize_group(processor: Processor, bank: ImageBank, instruction, query, documents):
-    """Token ids of the shared prefix and of each document's remainder, and the images (bank ids) of each part."""
-    if isinstance(documents, (str, dict)) or not len(documents):
-        raise ValueError("documents must be a non-empty list")
-    q, docs = as_item(query), [as_item(d) for d in documents]
-    q_imgs = [bank.add(q.image)] if q.image is not None else []
-    d_imgs = [[bank.add(d.image)] if d.image is not None else [] for d in docs]
-    return q, docs, q_imgs, d_imgs
+class PromptTooLong(ValueError):
+    """The prompt of (group, document) has `length` > max_length tokens: nothing is ever truncated."""
+
+    def __init__(self, group: int, document: int, length: int, max_length: int):
+        super().__init__(f"group {group} document {document}: prompt has {length} tokens > max_length={max_length}")
+        self.group, self.document, self.length = group, document, length
 
 
-def finish_group(processor: Processor, bank: ImageBank, instruction, q, docs, q_imgs, d_imgs):
-    """After `bank.preprocess()` (grids known): the prefix ids and the per-document remainder ids."""
-    grid = lambda ids: [bank.grids[i].tolist() for i in ids]
-    prefix_text = processor.render(query_messages(instruction, q), add_generation_prompt=False)
+@dataclass
+class TokenizedGroup:
+    """One query with its documents, tokenized: document i's whole prompt is `prefix + rests[i]`."""
+    prefix: list  # token ids shared by every prompt: system, instruction, query (with its image)
+    prefix_images: list  # bank ids of the images in the prefix
+    rests: list  # per document: the rest of its prompt's token ids
+    rest_images: list  # per document: the bank ids of its images
+
+    def check_lengths(self, max_length: int | None, group: int = 0):
+        """PromptTooLong for the first document whose whole prompt has more than `max_length` tokens."""
+        for j, rest in enumerate(self.rests):
+            if max_length is not None and len(self.prefix) + len(rest) > max_length:
+                raise PromptTooLong(group, j, len(self.prefix) + len(rest), max_length)
+
+
+def tokenize_groups(processor: Processor, groups) -> tuple:
+    """groups: [(instruction, query, documents)] -> (ImageBank with every distinct image preprocessed,
+    [TokenizedGroup]). Every prompt is tokenized whole, so its ids are exactly the plain path's."""
+    bank, parsed = ImageBank(processor), []
+    for instruction, query, documents in groups:
+        if isinstance(documents, (str, dict)) or not len(documents):
+            raise ValueError("documents must be a non-empty list")
+        q, docs = as_item(query), [as_item(d) for d in documents]
+        parsed.append((instruction, q, docs, bank.add(q), [bank.add(d) for d in docs]))
+    bank.preprocess()  # the grids, hence the image-token counts, are needed to tokenize
+    return bank, [split_prefix(processor, bank, *p) for p in parsed]
+
+
+def split_prefix(processor: Processor, bank: ImageBank, instruction: str, query: Item, docs: list,
+                 query_images: list, doc_images: list) -> TokenizedGroup:
+    """Tokenize every document's whole prompt and cut off the longest prefix they all share."""
+    grids = lambda ids: [bank.grids[i].tolist() for i in ids]
+    prefix_text = processor.render(query_messages(instruction, query), add_generation_prompt=False)
     prefix_text = prefix_text[: -len("<|im_end|>\n")]  # the user turn continues with the document
-    prefix = np.array(processor.encode(prefix_text, grid(q_imgs)), dtype=np.int64)
-    full = [processor.encode(processor.render(gmr_messages(instruction, q, d)), grid(q_imgs + di))
-            for d, di in zip(docs, d_imgs)]
+    prefix = np.array(processor.encode(prefix_text, grids(query_images)), dtype=np.int64)
+    full = [processor.encode(processor.render(gmr_messages(instruction, query, d)), grids(query_images + di))
+            for d, di in zip(docs, doc_images)]
     # shared length = the longest prefix every prompt shares with the prefix's own tokens (BPE may merge the
     # query's last characters with the "\n<Document>:" that follows, so it can be a token or two short)
     shared = len(prefix)
@@ -100,7 +131,7 @@ def finish_group(processor: Processor, bank: ImageBank, instruction, q, docs, q_
         shared = int(diff[0]) if len(diff) else n
     if (prefix[shared:] == processor.image_pad_id).any():  # the differing tail is text after <|vision_end|>
         raise AssertionError("the shared prefix ends inside the query image")
-    return prefix[:shared].tolist(), [ids[shared:] for ids in full]
+    return TokenizedGroup(prefix[:shared].tolist(), query_images, [ids[shared:] for ids in full], doc_images)
 
 
 def length_batches(lengths, batch_size: int, max_tokens: int | None = None) -> list:
@@ -118,86 +149,110 @@ def length_batches(lengths, batch_size: int, max_tokens: int | None = None) -> l
     return batches
 
 
+@dataclass
+class Batch:
+    """One padded batch of token sequences, built on the host."""
+    ids: torch.Tensor  # (B, S) token ids
+    mask: torch.Tensor  # (B, S) 1 for a token, 0 for padding
+    positions: torch.Tensor  # (3, B, S) M-RoPE positions
+    images: list  # bank ids of the images, in token order
+    image_slots: torch.Tensor  # flat indices into B*S of the image tokens, in token order
+    last: torch.Tensor  # (B,) column of each row's last token
+
+    def to(self, device) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=True)  # host-to-device copies never wait for the device
+        return replace(self, ids=move(self.ids), mask=move(self.mask), positions=move(self.positions),
+                       image_slots=move(self.image_slots), last=move(self.last))
+
+
 def pad_batch(seqs, images, bank: ImageBank, model: Qwen25VL, pad_id: int, side="left", start=0, multiple=1):
-    """Host tensors for one batch of sequences: ids/mask (B, S), 3-D positions (3, B, S) starting at `start`
-    (int or per-row list), the flat indices of image tokens, the images needed (bank ids, in order), and the
-    index of each row's last token."""
-    S = max(len(s) for s in seqs)
-    S = -(-S // multiple) * multiple
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)  # (B, S)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        cols = slice(S - len(s), S) if side == "left" else slice(0, len(s))
-        ids[r, cols], mask[r, cols] = torch.tensor(s, dtype=torch.long), 1
+    """The Batch of sequences `seqs` (token-id lists) holding the images `images` (bank ids per sequence), padded
+    to a multiple of `multiple`, positions starting at `start` (int or one per row)."""
+    ids, mask = pad(seqs, pad_id, side, multiple)  # (B, S) each
     imgs = [j for row in images for j in row]
     thw = torch.stack([bank.grids[j] for j in imgs]) if imgs else None
     cfg = model.config
-    pos = rope_position_ids(ids, mask, thw, cfg.text, cfg.vision.spatial_merge_size,
-                            start=torch.as_tensor(start))  # (3, B, S)
-    return dict(ids=ids, mask=mask, pos=pos, images=imgs, last=mask.sum(-1) - 1,
-                img_pos=torch.nonzero((ids == cfg.text.image_token_id).flatten()).flatten())
+    positions = rope_position_ids(ids, mask, thw, cfg.text, cfg.vision.spatial_merge_size, start)
+    slots = torch.nonzero((ids == cfg.text.image_token_id).flatten()).flatten()
+    return Batch(ids, mask, positions, imgs, slots, mask.sum(-1) - 1)
 
 
-def run_batch(model: Qwen25VL, batch: dict, feats: list, past=None, past_mask=None, last_only=False):
-    """Hidden states of one `pad_batch` batch on the model's device: (B, D) at each row's last token."""
-    device = model.head_weight.device
-    to = lambda t: t.to(device, non_blocking=True)
-    img_feats = torch.cat([feats[i] for i in batch["images"]]) if batch["images"] else None
-    h, kv = model.hidden_states(to(batch["ids"]), to(batch["mask"]), image_features=img_feats, past=past,
-                                past_mask=past_mask, position_ids=to(batch["pos"]),
-                                image_positions=to(batch["img_pos"]) if img_feats is not None else None,
-                                last_only=last_only)
-    last = h[:, -1] if last_only else h[torch.arange(h.shape[0], device=device), to(batch["last"])]
-    return last, kv
+# ----------------------------------------------------------------------------- on the device
+def embed(model: Qwen25VL, batch: Batch, feats: list) -> torch.Tensor:
+    """`Qwen25VL.embed` of a Batch on the device: the image features go to host-known slots (index_copy), so unlike
+    masked_scatter no count is read back from the device."""
+    x = model.text.embed_tokens(batch.ids)  # (B, S, D)
+    if not batch.images:
+        return x
+    f = torch.cat([feats[i] for i in batch.images]).to(x.dtype)  # (image tokens, D)
+    return x.flatten(0, 1).index_copy(0, batch.image_slots, f).view_as(x)  # (B*S, D) -> (B, S, D)
+
+
+def below_last_layer(text: TextModel, x, positions, mask, past=None, past_mask=None):
+    """`text(x, positions, mask, past, past_mask)` up to its last layer, whose work the fused loop trims: the input
+    of that layer (B, S, D), its rotary cos/sin and 4-D mask, and the keys/values of the layers before it."""
+    cos, sin = mrope_cos_sin(positions, text.cfg, x.dtype)  # (B, 1, S, Dh)
+    mask4 = attention_mask_4d(mask, x.shape[1], past_mask)  # (B, 1, S, P+S)
+    kvs = []
+    for i, layer in enumerate(text.layers[:-1]):
+        x, kv = text.run_layer(layer, x, cos, sin, mask4, None if past is None else past[i])
+        kvs.append(kv)
+    return x, cos, sin, mask4, kvs
+
+
+def prefix_cache(model: Qwen25VL, batch: Batch, feats: list) -> list:
+    """Keys/values (k, v) (B, KV, P, Dh) of every layer for a batch of prefixes: all the last layer computes."""
+    x, cos, sin, _, kvs = below_last_layer(model.text, embed(model, batch, feats), batch.positions, batch.mask)
+    last = model.text.layers[-1]
+    return kvs + [last.attn.key_values(last.attn_norm(x), cos, sin)]
+
+
+def last_token_states(text: TextModel, x, positions, mask, past, past_mask) -> torch.Tensor:
+    """`text(x, positions, mask, past, past_mask)[0][:, -1]` (B, D) for left-padded rows, the only state a
+    reranker reads. The last layer runs its queries, MLP and norm on the last column alone, the keys/values of the
+    columns before it joining the prefix: one layer's work fewer per document token (docs/experiments.md)."""
+    x, cos, sin, mask4, _ = below_last_layer(text, x, positions, mask, past, past_mask)
+    last = text.layers[-1]
+    k, v = last.attn.key_values(last.attn_norm(x[:, :-1]), cos[..., :-1, :], sin[..., :-1, :])  # (B, KV, S-1, Dh)
+    before = [torch.cat((old.expand(len(x), -1, -1, -1), new), dim=2) for old, new in zip(past[-1], (k, v))]
+    x, _ = text.run_layer(last, x[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask4[..., -1:, :], before)
+    return text.norm(x[:, 0])
 
 
 # ----------------------------------------------------------------------------- training path (autograd)
-class PromptTooLong(ValueError):
-    """group_logits: the prompt of (group, document) has `length` > max_length tokens (kept for the caller)."""
-
-    def __init__(self, group: int, document: int, length: int, max_length: int):
-        super().__init__(f"group {group} document {document}: prompt has {length} tokens > max_length={max_length}")
-        self.group, self.document, self.length = group, document, length
-
-
 def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max_batch_tokens=None,
                  max_length=None, return_lengths=False):
     """[z_yes, z_no] (M, 2) fp32 for every document of every group, with autograd, for training.
 
     groups: list of (instruction, query, documents). All prefixes run as one left-padded batch (G, P); the
     documents, sorted by length, in batches of at most `max_batch_tokens` padded tokens (default: 2048 on a CPU,
-    where small buffers are reused instead of page-faulted; unbounded on a GPU) on top of their own group's
-    prefix keys/values (gathered per row). Sorting cuts the padding of one (M, longest) batch.
+    where small buffers are reused, unbounded on a GPU) on top of their own group's prefix keys/values (gathered
+    per row). Sorting cuts the padding of one (M, longest) batch.
     A prompt longer than `max_length` tokens raises ValueError naming (group, document): nothing is truncated.
     return_lengths: also return the M full prompt lengths (list of int), e.g. for a tokens/s log."""
-    bank = ImageBank(processor)
-    parsed = [tokenize_group(processor, bank, *g) for g in groups]
-    bank.preprocess()
-    done = [finish_group(processor, bank, ins, *p) for (ins, _, _), p in zip(groups, parsed)]
-    lengths = [len(d[0]) + len(c) for d in done for c in d[1]]  # (M,) group-major, as the output rows
-    if max_length is not None:
-        for g, d in enumerate(done):
-            for j, c in enumerate(d[1]):
-                if len(d[0]) + len(c) > max_length:
-                    raise PromptTooLong(g, j, len(d[0]) + len(c), max_length)
-    feats = bank.features(model)
-    pad_id = processor.pad_id
-    prefixes = pad_batch([d[0] for d in done], [p[2] for p in parsed], bank, model, pad_id)
-    _, past = run_batch(model, prefixes, feats, last_only=True)
-    starts = prefixes["pos"].amax(dim=(0, 2)) + 1  # (G,) next position after each prefix (host tensor)
-    group = torch.tensor([g for g, d in enumerate(done) for _ in d[1]])  # (M,) group of each document
-    docs, doc_imgs = [c for d in done for c in d[1]], [i for p in parsed for i in p[3]]
-    device = model.head_weight.device
+    bank, tokenized = tokenize_groups(processor, groups)
+    lengths = [len(g.prefix) + len(r) for g in tokenized for r in g.rests]  # (M,) group-major, as the output rows
+    for gi, g in enumerate(tokenized):
+        g.check_lengths(max_length, gi)
+    feats, device = bank.features(model), model.head_weight.device
+    prefixes = pad_batch([g.prefix for g in tokenized], [g.prefix_images for g in tokenized], bank, model,
+                         processor.pad_id)
+    starts = prefixes.positions.amax(dim=(0, 2)) + 1  # (G,) next position after each prefix (host tensor)
+    prefixes = prefixes.to(device)
+    past = prefix_cache(model, prefixes, feats)
+    group_of = torch.tensor([gi for gi, g in enumerate(tokenized) for _ in g.rests])  # (M,) group of each document
+    rests = [r for g in tokenized for r in g.rests]
+    rest_images = [i for g in tokenized for i in g.rest_images]
     if max_batch_tokens is None and device.type == "cpu":
         max_batch_tokens = 2048
     hs, order = [], []
-    for b in length_batches([len(c) for c in docs], len(docs), max_batch_tokens):
-        batch = pad_batch([docs[i] for i in b], [doc_imgs[i] for i in b], bank, model, pad_id,
-                          start=starts[group[b]].tolist())
-        gi = group[b].to(device)
-        past_b = [(k[gi], v[gi]) for k, v in past]  # (B, KV, P, Dh): each document sees its own group's prefix
-        h, _ = run_batch(model, batch, feats, past=past_b, past_mask=prefixes["mask"].to(device)[gi], last_only=True)
-        hs.append(h)
+    for b in length_batches([len(r) for r in rests], len(rests), max_batch_tokens):
+        batch = pad_batch([rests[i] for i in b], [rest_images[i] for i in b], bank, model, processor.pad_id,
+                          start=starts[group_of[b]].tolist()).to(device)
+        rows = group_of[b].to(device)
+        past_b = [(k[rows], v[rows]) for k, v in past]  # (B, KV, P, Dh): each document sees its own group's prefix
+        hs.append(last_token_states(model.text, embed(model, batch, feats), batch.positions, batch.mask, past_b,
+                                    prefixes.mask[rows]))
         order += b
     h = torch.cat(hs)[torch.tensor(order).argsort().to(device)]  # (M, D) back in group-major document order
     yes_no = yes_no or (processor.token_id("yes"), processor.token_id("no"))
@@ -207,7 +262,7 @@ def group_logits(model: Qwen25VL, processor: Processor, groups, yes_no=None, max
 
 # ----------------------------------------------------------------------------- inference
 # A checkpoint folder may say which score it is read with: train.py writes {"score": "cl"} for an InfoNCE-trained
-# model, whose "no" logit no loss ever constrained, so p(yes) would rank by noise (gmr.md §1.2: s_CL = z_yes).
+# model, whose "no" logit no loss ever constrained, so p(yes) would rank by noise (docs/gmr.md §1.2: s_CL = z_yes).
 SCORE_FILE = "minigmr_reranker.json"
 
 
@@ -229,44 +284,42 @@ def checkpoint_score(path: str) -> str:
 
 class Reranker:
     def __init__(self, model: Qwen25VL, processor: Processor, batch_size: int = 16, padding_side: str = "left",
-                 max_length: int | None = None, image_batch_patches: int | None = None,
-                 pad_multiple: int | None = None, max_batch_tokens: int | None = None, score: str = "sft"):
+                 max_length: int | None = None, score_type: str = "sft"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if score not in ("sft", "cl"):
-            raise ValueError(f"score must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score!r}")
-        self.score_type = score
-        self.model, self.processor = model.eval(), processor
+        if score_type not in ("sft", "cl"):
+            raise ValueError(f"score_type must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score_type!r}")
+        self.model, self.processor, self.score_type = model.eval(), processor, score_type
         self.device = model.head_weight.device
         self.batch_size, self.padding_side, self.max_length = batch_size, padding_side, max_length
         cpu = self.device.type == "cpu"
-        # Vision chunk (patches) and text batch (padded tokens) caps. On a CPU small ones are faster: glibc serves
-        # buffers above 32 MB with fresh mmaps, and every fresh page costs a page fault (measured: a 4-block
-        # 320-wide tower ran 25% faster on 4096-patch chunks than on 16384). On a GPU they only bound memory.
-        self.image_batch_patches = image_batch_patches or (4096 if cpu else 16384)
-        self.max_batch_tokens = max_batch_tokens or (2048 if cpu else None)
+        # vision chunk (patches) and text batch (padded tokens) caps: on a CPU smaller buffers are reused instead of
+        # freshly mapped (page faults); on a GPU they only bound memory (docs/experiments.md)
+        self.image_batch_patches = 4096 if cpu else 16384
+        self.max_batch_tokens = 2048 if cpu else None
         # padded lengths rounded up on a GPU so compiled kernels / CUDA graphs see few distinct shapes
-        self.pad_multiple = pad_multiple or (8 if self.device.type == "cuda" else 1)
+        self.pad_multiple = 8 if self.device.type == "cuda" else 1
         self.yes_id, self.no_id = processor.token_id("yes"), processor.token_id("no")
 
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, dtype=None, device=None, min_pixels=None,
-                        max_pixels=None, score: str | None = None, **kw) -> "Reranker":
+                        max_pixels=None, score_type: str | None = None, **kw) -> "Reranker":
         """Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json), optionally
         with a LoRA adapter directory (minigmr or peft format), merged into the weights for inference.
-        score: "sft" or "cl"; default: what the checkpoint's SCORE_FILE says, else "sft"."""
-        score = score or checkpoint_score(path)
+        min_pixels / max_pixels override the image sizes of preprocessor_config.json (with the constructor, pass a
+        `Processor.from_pretrained(path, min_pixels, max_pixels)`); `kw` goes to the constructor.
+        score_type: "sft" or "cl"; default: what the checkpoint's SCORE_FILE says, else "sft"."""
         device, dtype = default_device_dtype(device, dtype)
         model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
         if adapter is not None:
-            from .lora import load_adapter, merge_lora
             load_adapter(model, adapter)
             merge_lora(model)
-        return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels), score=score, **kw)
+        return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels),
+                   score_type=score_type or checkpoint_score(path), **kw)
 
     def score(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> list:
         """One fp32 score per document: p(yes | instruction, query, document), the softmax over the yes/no logits
-        (score="sft"), or the yes logit z_yes (score="cl", for models trained with InfoNCE)."""
+        (score_type "sft"), or the yes logit z_yes (score_type "cl", for models trained with InfoNCE)."""
         z = self.logits(query, documents, instruction, batch_size)
         return (sft_score(z) if self.score_type == "sft" else cl_score(z)).tolist()
 
@@ -279,31 +332,30 @@ class Reranker:
     @torch.no_grad()
     def logits(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> torch.Tensor:
         """(n, 2) fp32 [z_yes, z_no] at the last position of each (instruction, query, document) prompt."""
-        proc, model, bank = self.processor, self.model, ImageBank(self.processor)
-        q, docs, q_imgs, d_imgs = tokenize_group(proc, bank, instruction, query, documents)
-        bank.preprocess()
-        prefix, cands = finish_group(proc, bank, instruction, q, docs, q_imgs, d_imgs)
-        if self.max_length is not None:
-            for i, c in enumerate(cands):
-                if len(prefix) + len(c) > self.max_length:
-                    raise ValueError(f"document {i}: prompt has {len(prefix) + len(c)} tokens "
-                                     f"> max_length={self.max_length}")
+        proc, model, device = self.processor, self.model, self.device
+        bank, (group,) = tokenize_groups(proc, [(instruction, query, documents)])
+        group.check_lengths(self.max_length)
         feats = bank.features(model, self.image_batch_patches)  # vision tower once per distinct image
         head = model.head_rows([self.yes_id, self.no_id])  # (2, D)
         # host-side plan: length-sorted batches of candidates, everything padded and indexed in advance
-        pre = pad_batch([prefix], [q_imgs], bank, model, proc.pad_id)
-        start = int(pre["pos"].max()) + 1
-        batches = length_batches([len(c) for c in cands], batch_size or self.batch_size, self.max_batch_tokens)
-        plan = [(torch.tensor(b), pad_batch([cands[i] for i in b], [d_imgs[i] for i in b], bank, model, proc.pad_id,
-                                            self.padding_side, start, self.pad_multiple))
+        prefix = pad_batch([group.prefix], [group.prefix_images], bank, model, proc.pad_id)
+        start = int(prefix.positions.max()) + 1
+        batches = length_batches([len(r) for r in group.rests], batch_size or self.batch_size, self.max_batch_tokens)
+        plan = [(torch.tensor(b), pad_batch([group.rests[i] for i in b], [group.rest_images[i] for i in b], bank,
+                                            model, proc.pad_id, self.padding_side, start, self.pad_multiple))
                 for b in batches]
-        _, past = run_batch(model, pre, feats, last_only=True)  # the shared prefix, once
-        past_mask = pre["mask"].to(self.device)
-        out = torch.empty(len(cands), 2, device=self.device)
-        left = self.padding_side == "left"
+        prefix = prefix.to(device)
+        past = prefix_cache(model, prefix, feats)  # the shared prefix, once
+        out = torch.empty(len(group.rests), 2, device=device)
         for index, batch in plan:  # no host synchronisation in here
-            h, _ = run_batch(model, batch, feats, past=past, past_mask=past_mask, last_only=left)
-            out[index.to(self.device, non_blocking=True)] = yes_no_logits(h, head)
+            batch = batch.to(device)
+            x = embed(model, batch, feats)
+            if self.padding_side == "left":
+                h = last_token_states(model.text, x, batch.positions, batch.mask, past, prefix.mask)
+            else:
+                h, _ = model.text(x, batch.positions, batch.mask, past, prefix.mask)
+                h = h[torch.arange(len(h), device=device), batch.last]
+            out[index.to(device, non_blocking=True)] = yes_no_logits(h, head)
         return out.cpu()
 
 

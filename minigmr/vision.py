@@ -1,10 +1,10 @@
 """The Qwen2.5-VL vision tower (a ViT with 2-D RoPE and window attention) and its 2x2 patch merger (the projector).
 
 Mirrors transformers `Qwen2_5_VisionTransformerPretrainedModel` (modeling_qwen2_5_vl.py) and the helpers in
-transformers/vision_utils.py; the steps are numbered as in qwen25vl.md §3.
+transformers/vision_utils.py; the steps are numbered as in docs/qwen25vl.md §3.
 
 Input is *packed*: every image of a batch is one run of rows in `pixel_values` (N, C*T*P*P = 1176), described by
-`grid_thw` (n_images, 3) in patch units. Rows come from the processor already grouped by 2x2 merge block
+`grid_thw` (n_images, 3) in patch units. Rows come from the processor already ordered by 2x2 merge block
 (TL, TR, BL, BR), so "merge 4 consecutive rows" is the projector.
 Output: (N / 4, out_hidden_size), one LLM token per 2x2 block, in raster order per image.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
-from .layers import GatedMLP, RMSNorm, apply_rotary, length_groups, segment_attention
+from .layers import GatedMLP, RMSNorm, apply_rotary, segments_by_length, segment_attention
 
 
 # ----------------------------------------------------------------------------- index helpers (no parameters)
@@ -36,7 +36,7 @@ def window_index(grid_thw: torch.Tensor, merge: int, window_tokens: int):
     Per image the llm grid (t, H, W) is padded bottom/right to a multiple of `window_tokens` (4 for the official
     112-px window) — with the upstream quirk that an exact multiple still gets a full extra pad row/column — cut into
     windows (row-major), tokens row-major inside each window; pads are dropped. Empty windows from the quirk give
-    repeated boundaries, removed by `unique_consecutive` (qwen25vl.md §3 step 3, pitfall §7.3).
+    repeated boundaries, removed by `unique_consecutive` (docs/qwen25vl.md §3 step 3, pitfall §7.3).
     Mirrors transformers `get_vision_window_index`. Returns (N/4,) long and (n_windows+1,) int32.
     """
     index, cu, offset = [], [torch.zeros(1, dtype=torch.long)], 0
@@ -74,7 +74,7 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
         v = qkv[:, 2]
-        # rotary in fp32 then back, as `apply_rotary_pos_emb_vision` (qwen25vl.md pitfall §7.4); q and k in one
+        # rotary in fp32 then back, as `apply_rotary_pos_emb_vision` (docs/qwen25vl.md pitfall §7.4); q and k in one
         # call (half the elementwise kernels): cos/sin (N, 1, Dh) -> (N, 1, 1, Dh) broadcast over q/k and heads
         q, k = apply_rotary(qkv[:, :2].float(), cos[:, None], sin[:, None]).to(v.dtype).unbind(1)  # 2 x (N, H, Dh)
         out = segment_attention(q, k, v, segments)  # (N, H, Dh)
@@ -155,8 +155,8 @@ class VisionTower(nn.Module):
         angles = angles.reshape(n // unit, unit, -1)[win_idx].reshape(n, -1)  # (N, Dh/2)
         emb = torch.cat((angles, angles), dim=-1)[:, None, :]  # (N, 1, Dh) broadcast over heads, kept fp32
         cos, sin = emb.cos(), emb.sin()
-        # segments grouped by length once on the host, shared by every block of that kind
-        full, windows = length_groups(cu_full), length_groups(cu_window)
+        # segments bucketed by length once on the host, shared by every block of that kind
+        full, windows = segments_by_length(cu_full), segments_by_length(cu_window)
         for i, block in enumerate(self.blocks):
             segments = full if i in cfg.fullatt_block_indexes else windows
             if self.gradient_checkpointing and self.training:

@@ -2,23 +2,23 @@
 
 The map below is the whole story: checkpoint names on the left, minigmr's module names on the right. Tensor
 layouts are kept as in the checkpoint (separate q/k/v, Conv3d patch weight, fused vision qkv), so loading is pure
-renaming. Two on-disk layouts exist (qwen25vl.md §2.2): the official one (`visual.*`, `model.*`) and the one
+renaming. Two on-disk layouts exist (docs/qwen25vl.md §2.2): the official one (`visual.*`, `model.*`) and the one
 transformers >= 4.52 saves (`model.visual.*`, `model.language_model.*`); both are accepted, the official one is
 written.
 
-Loading is lazy and loud: the model is built on the meta device (no memory), then each shard is opened with
-`safe_open` and every tensor is read, renamed, shape-checked, cast and assigned — one copy of the weights at a time.
-Every checkpoint key must be consumed and every parameter filled, otherwise a ValueError names the keys and file.
+Loading is lazy and loud: `load_into` fills a model built on the meta device (no memory, see
+`Qwen25VL.from_pretrained`): each shard is opened with `safe_open` and every tensor is read, renamed, shape-checked,
+cast and assigned, one copy of the weights at a time. Every checkpoint key must be consumed and every parameter
+filled, otherwise a ValueError names the keys and file. This module never imports the model: model.py imports it.
 """
 import json
 import os
 import re
+from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from .config import Config
 
 # checkpoint name (official layout; {} = block/layer number) -> minigmr name
 WEIGHT_MAP = {
@@ -85,7 +85,7 @@ def to_hf(our_name: str) -> str:
 def _open(path: str):
     try:
         return safe_open(path, framework="pt")
-    except (SafetensorError, OSError, Exception) as e:  # truncated, empty, not safetensors at all
+    except (SafetensorError, OSError) as e:  # truncated, empty, not safetensors at all; unreadable
         raise ValueError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e}); "
                          "the file may be truncated or not a safetensors file") from None
 
@@ -111,12 +111,9 @@ def checkpoint_files(path: str) -> list:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 
 
-def load_checkpoint(path: str, dtype=torch.float32, device="cpu"):
-    """Build a Qwen25VL from a checkpoint directory (config.json + safetensors), weights cast to `dtype`."""
-    from .model import Qwen25VL
-    config = Config.from_json(path)
-    with torch.device("meta"):
-        model = Qwen25VL(config)
+def load_into(model: torch.nn.Module, path: str, dtype=torch.float32, device="cpu") -> None:
+    """Fill every parameter of `model` (a Qwen25VL, typically on the meta device) from the safetensors of the
+    checkpoint directory `path`, cast to `dtype` on `device`."""
     params = dict(model.named_parameters())
     filled, unexpected, mismatched = set(), [], []
     extra_head = None  # a tied checkpoint may still store lm_head.weight: accepted only if equal to the embedding
@@ -155,7 +152,6 @@ def load_checkpoint(path: str, dtype=torch.float32, device="cpu"):
     if extra_head is not None and not torch.equal(extra_head.to(dtype), model.text.embed_tokens.weight.cpu()):
         raise ValueError(f"{path}: config says tie_word_embeddings=true but lm_head.weight differs from "
                          "model.embed_tokens.weight")
-    return model.to(device).eval()
 
 
 def save_checkpoint(model, path: str, dtype=None, max_shard_bytes=None) -> None:
@@ -170,10 +166,8 @@ def save_checkpoint(model, path: str, dtype=None, max_shard_bytes=None) -> None:
             raise ValueError(f"cannot save parameter {name!r} in the official layout (merge LoRA first?)") from None
         t = p.detach()
         tensors[hf] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
-    config = model.config
-    stored = next(iter(tensors.values())).dtype
-    config.dtype = str(stored).removeprefix("torch.")
-    config.save(path)
+    stored = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    replace(model.config, dtype=stored).save(path)  # config.json records the dtype on disk; the model's is untouched
     if not max_shard_bytes:
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         return

@@ -111,6 +111,7 @@ def test_text_only_batch_left_padded(pair):
 def test_prefix_cache_equals_full_forward(pair):
     """Keys/values of a shared prefix reused for a batch of continuations == one full forward per sequence."""
     _, ours, _ = pair
+    cfg = ours.config.text
     prefix = [401, 5, 6] + image_tokens(GRIDS[0]) + [7]
     conts = [[8, 9, 10, 11], [12, 13], [14] + image_tokens(GRIDS[1]) + [15]]
     pv, thw = random_pixels([GRIDS[0], GRIDS[1]], seed=3)
@@ -118,16 +119,16 @@ def test_prefix_cache_equals_full_forward(pair):
     with torch.no_grad():
         feats = ours.image_features(pv, thw)
         p_ids = torch.tensor([prefix])
-        p_h, p_kv = ours.hidden_states(p_ids, image_features=feats[: n0 // 4], image_grid_thw=thw[:1])
-        start = int(rope_position_ids(p_ids, None, thw[:1], ours.config.text).max()) + 1
+        p_pos = rope_position_ids(p_ids, None, thw[:1], cfg)
+        _, p_kv = ours.text(ours.embed(p_ids, feats[: n0 // 4]), p_pos, torch.ones_like(p_ids))
         ids, mask = build_batch(conts, "right")
-        h, _ = ours.hidden_states(ids, mask, image_features=feats[n0 // 4:], image_grid_thw=thw[1:], past=p_kv,
-                                  past_mask=torch.ones(1, len(prefix), dtype=torch.long), start_pos=start)
+        pos = rope_position_ids(ids, mask, thw[1:], cfg, start=int(p_pos.max()) + 1)
+        h, _ = ours.text(ours.embed(ids, feats[n0 // 4:]), pos, mask, past=p_kv,
+                         past_mask=torch.ones(1, len(prefix), dtype=torch.long))
         for i, c in enumerate(conts):
             full = torch.tensor([prefix + c])
             img = i == 2
-            ref, _ = ours.hidden_states(full, image_features=feats if img else feats[: n0 // 4],
-                                        image_grid_thw=thw if img else thw[:1])
+            ref, _ = ours.hidden_states(full, pixel_values=pv if img else pv[:n0], image_grid_thw=thw if img else thw[:1])
             torch.testing.assert_close(h[i, : len(c)], ref[0, len(prefix):], atol=1e-5, rtol=0)
 
 
@@ -178,6 +179,7 @@ def test_single_sharded_flat_nested_bf16_all_load(tmp_path):
     # and bf16 compute is possible (loose check: same argmax structure is not required, finite is)
     ours_bf = Qwen25VL.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
     assert ours_bf.text.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.isfinite(_logits(ours_bf)).all()
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
@@ -193,6 +195,10 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         torch.testing.assert_close(_logits(None, back.eval()), _logits(None, hf), **TOL)
         torch.testing.assert_close(_logits(Qwen25VL.from_pretrained(str(tmp_path / f"ours{tie}"))),
                                    _logits(None, hf), **TOL)
+    # saving in another dtype writes it to config.json and leaves the model's config alone
+    ours.save_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["torch_dtype"] == "bfloat16"
+    assert ours.config.dtype == "float32"
 
 
 def test_new_layout_keys_load(tmp_path):

@@ -80,7 +80,7 @@ def test_smart_resize_matches_transformers():
             assert smart_resize(h, w, 28, lo, hi) == hf_smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
             checked += 1
     assert checked > 250
-    # Literal values from qwen25vl.md §5: round half to even, and the worked examples.
+    # Literal values from docs/qwen25vl.md §5: round half to even, and the worked examples.
     assert smart_resize(42, 70) == (56, 56)
     assert smart_resize(480, 640) == (476, 644)
     assert smart_resize(1080, 1920) == (1092, 1932)
@@ -209,7 +209,7 @@ def test_render_matches_literal_and_official_template(tiny):
             {"role": "user", "content": [{"type": "image", "image": "unused.png"},
                                          {"type": "text", "text": "Describe this image."}]}]
     literal = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
-               "Describe this image.<|im_end|>\n<|im_start|>assistant\n")  # qwen25vl.md §6
+               "Describe this image.<|im_end|>\n<|im_start|>assistant\n")  # docs/qwen25vl.md §6
     assert ours.render(conv) == literal
     assert hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == literal  # oracle sanity
     assert QWEN25VL_CHAT_TEMPLATE.count("You are a helpful assistant.") == 1
@@ -313,7 +313,7 @@ def real_dir(tmp_path_factory):
 
 def test_real_vocabulary_ids(real_dir):
     p = Processor.from_pretrained(real_dir)
-    # Published Qwen2/2.5 ids (qwen25vl.md §1.3, B.9).
+    # Published Qwen2/2.5 ids (docs/qwen25vl.md §1.3, B.9).
     assert (p.token_id("yes"), p.token_id("no")) == (9693, 2152)
     assert (p.token_id("Yes"), p.token_id("No")) == (9454, 2753)
     assert p.encode("Hello world") == [9707, 1879]

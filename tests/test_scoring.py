@@ -133,7 +133,7 @@ def test_cl_score_is_the_yes_logit_and_checkpoints_can_ask_for_it(ckpt, data, tm
     import shutil
     queries, docs = data
     logits = Reranker.from_pretrained(ckpt).logits(queries[0], docs)
-    cl = Reranker.from_pretrained(ckpt, score="cl")
+    cl = Reranker.from_pretrained(ckpt, score_type="cl")
     assert cl.score_type == "cl"
     torch.testing.assert_close(torch.tensor(cl.score(queries[0], docs)), logits[:, 0], atol=1e-6, rtol=0)
     assert [i for i, _ in cl.rank(queries[0], docs)] == logits[:, 0].argsort(descending=True, stable=True).tolist()
@@ -142,15 +142,15 @@ def test_cl_score_is_the_yes_logit_and_checkpoints_can_ask_for_it(ckpt, data, tm
     shutil.copytree(ckpt, marked)
     (marked / "minigmr_reranker.json").write_text(json.dumps({"score": "cl"}))
     assert Reranker.from_pretrained(str(marked)).score_type == "cl"
-    assert Reranker.from_pretrained(str(marked), score="sft").score_type == "sft"  # an explicit choice wins
+    assert Reranker.from_pretrained(str(marked), score_type="sft").score_type == "sft"  # an explicit choice wins
     (marked / "minigmr_reranker.json").write_text(json.dumps({"score": "logit"}))
     with pytest.raises(ValueError, match="minigmr_reranker.json: 'score' must be 'sft' or 'cl'"):
         Reranker.from_pretrained(str(marked))
     (marked / "minigmr_reranker.json").write_text('{"score": "cl"')  # truncated file
     with pytest.raises(ValueError, match="minigmr_reranker.json: not valid JSON"):
         Reranker.from_pretrained(str(marked))
-    with pytest.raises(ValueError, match="score must be 'sft'"):
-        Reranker(cl.model, cl.processor, score="z")
+    with pytest.raises(ValueError, match="score_type must be 'sft'"):
+        Reranker(cl.model, cl.processor, score_type="z")
 
 
 def test_group_logits_equals_plain_and_has_gradients(model_proc, data):
