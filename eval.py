@@ -332,7 +332,7 @@ def main(argv=None):
 
     device, dtype = default_device_dtype(args.device, getattr(torch, args.dtype) if args.dtype else None)
     reranker = Reranker.from_pretrained(args.model, adapter=args.adapter, dtype=dtype, device=device,
-                                        score=args.score)
+                                        score_type=args.score)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
                                                ".eval_cache")
     key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype),

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .tokenizer import special_token
+
 SYSTEM_PROMPT = ('Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
                  'Note that the answer can only be "yes" or "no".')
 DEFAULT_INSTRUCTION = "Given a query, retrieve the documents that answer it."
@@ -51,9 +53,38 @@ def as_item(x) -> Item:
         unknown = set(x) - {"text", "image", "id"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)} in query/document {x!r}; use 'text' and/or 'image'")
-        image = x.get("image")
-        return Item(text=x.get("text"), image=os.fspath(image) if isinstance(image, os.PathLike) else image)
+        text, image = x.get("text"), x.get("image")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"'text' must be a str, got {type(text).__name__}")
+        if image is not None and not isinstance(image, (str, os.PathLike, Image.Image)):
+            raise TypeError(f"'image' must be a path or a PIL image, got {type(image).__name__}")
+        if text is None and image is None:
+            raise ValueError(f"a query/document dict needs 'text' and/or 'image', got {x!r}")
+        return Item(text=text, image=os.fspath(image) if isinstance(image, os.PathLike) else image)
     raise TypeError(f"a query/document must be a str, a path, a PIL image or a dict, not {type(x).__name__}")
+
+
+def checked_instruction(instruction) -> str:
+    """None means the default instruction; anything else must be text."""
+    if instruction is None:
+        return DEFAULT_INSTRUCTION
+    if not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a str (or None for the default), got {type(instruction).__name__}")
+    return instruction
+
+
+def checked_item(x, where: str) -> Item:
+    """as_item, with errors that say which query/document; text holding a control token (e.g. <|im_end|>) is
+    refused, since the tokenizer would read it as structure instead of text."""
+    try:
+        item = as_item(x)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
+    token = special_token(item.text)
+    if token is not None:
+        raise ValueError(f"{where}: its text contains the special token {token!r}, which the tokenizer would read "
+                         "as a control token; remove or escape it")
+    return item
 
 
 def _content(item: Item) -> list:

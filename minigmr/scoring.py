@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
-from .lora import load_adapter, merge_lora
+from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
+from .peft_io import load_adapter
 from .processor import Processor, pad
-from .prompt import DEFAULT_INSTRUCTION, Item, as_item, gmr_messages, query_messages
+from .prompt import DEFAULT_INSTRUCTION, Item, checked_instruction, checked_item, gmr_messages, query_messages
 
 
 def default_device_dtype(device=None, dtype=None):
@@ -43,24 +44,31 @@ class ImageBank:
     """Distinct images (by path or object identity), preprocessed once; their vision features computed once."""
 
     def __init__(self, processor: Processor):
-        self.processor, self.sources, self.key_of = processor, [], {}
+        self.processor, self.sources, self.owners, self.key_of = processor, [], [], {}
 
-    def add(self, item: Item) -> list:
-        """The bank ids of the item's images ([] or [id])."""
+    def add(self, item: Item, where: str) -> list:
+        """The bank ids of the item's images ([] or [id]); `where` ("document 3") names it in errors."""
         if item.image is None:
             return []
         key = os.path.abspath(item.image) if isinstance(item.image, str) else id(item.image)
         if key not in self.key_of:
             self.key_of[key] = len(self.sources)
             self.sources.append(item.image)
+            self.owners.append(where)
         return [self.key_of[key]]
 
     def preprocess(self):
-        """Patches (n_i, 1176) and grids (3,) of every image, in one image-processor call."""
+        """Patches (n_i, 1176) and grids (3,) of every image; an image that cannot be read or resized is an error
+        naming the first query/document that holds it."""
         self.patches, self.grids = [], []
-        if self.sources:
-            pixel_values, grids = self.processor.image_processor(self.sources)
-            self.patches, self.grids = list(pixel_values.split(grids.prod(-1).tolist())), list(grids)
+        for source, where in zip(self.sources, self.owners):
+            try:
+                pixel_values, grid = self.processor.image_processor([source])
+            except (ValueError, OSError) as e:  # unreadable file, extreme aspect ratio, too small to resize...
+                name = f" ({source})" if isinstance(source, str) else ""
+                raise ValueError(f"{where}: image{name}: {e}") from None
+            self.patches.append(pixel_values)
+            self.grids.append(grid[0])
 
     def features(self, model: Qwen25VL, max_patches: int = 16384) -> list:
         """(tokens_i, D) features per image; the vision tower runs on chunks of at most `max_patches` patches."""
@@ -104,11 +112,17 @@ def tokenize_groups(processor: Processor, groups) -> tuple:
     """groups: [(instruction, query, documents)] -> (ImageBank with every distinct image preprocessed,
     [TokenizedGroup]). Every prompt is tokenized whole, so its ids are exactly the plain path's."""
     bank, parsed = ImageBank(processor), []
-    for instruction, query, documents in groups:
-        if isinstance(documents, (str, dict)) or not len(documents):
-            raise ValueError("documents must be a non-empty list")
-        q, docs = as_item(query), [as_item(d) for d in documents]
-        parsed.append((instruction, q, docs, bank.add(q), [bank.add(d) for d in docs]))
+    for g, (instruction, query, documents) in enumerate(groups):
+        at = "" if len(groups) == 1 else f"group {g} "
+        instruction = checked_instruction(instruction)
+        if not isinstance(documents, (list, tuple)):
+            raise TypeError(f"{at}documents must be a non-empty list of documents, got {type(documents).__name__}")
+        if not documents:
+            raise ValueError(f"{at}documents must be a non-empty list of documents, got an empty list")
+        q = checked_item(query, f"{at}query")
+        docs = [checked_item(d, f"{at}document {i}") for i, d in enumerate(documents)]
+        parsed.append((instruction, q, docs, bank.add(q, f"{at}query"),
+                       [bank.add(d, f"{at}document {i}") for i, d in enumerate(docs)]))
     bank.preprocess()  # the grids, hence the image-token counts, are needed to tokenize
     return bank, [split_prefix(processor, bank, *p) for p in parsed]
 
@@ -287,6 +301,8 @@ class Reranker:
                  max_length: int | None = None, score_type: str = "sft"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if score_type not in ("sft", "cl"):
             raise ValueError(f"score_type must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score_type!r}")
         self.model, self.processor, self.score_type = model.eval(), processor, score_type
@@ -317,22 +333,32 @@ class Reranker:
         return cls(model, Processor.from_pretrained(path, min_pixels, max_pixels),
                    score_type=score_type or checkpoint_score(path), **kw)
 
-    def score(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> list:
+    def score(self, query, documents, instruction: str | None = DEFAULT_INSTRUCTION, batch_size=None) -> list:
         """One fp32 score per document: p(yes | instruction, query, document), the softmax over the yes/no logits
         (score_type "sft"), or the yes logit z_yes (score_type "cl", for models trained with InfoNCE)."""
         z = self.logits(query, documents, instruction, batch_size)
         return (sft_score(z) if self.score_type == "sft" else cl_score(z)).tolist()
 
     def rank(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, top_k=None, batch_size=None) -> list:
-        """[(index, score)] sorted by score, best first (ties: lower index first); the first `top_k` only."""
+        """[(index, score)] sorted by score, best first (ties: lower index first); the first `top_k` only
+        (None: all; more than there are: all)."""
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+            raise TypeError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k}")
         scores = self.score(query, documents, instruction, batch_size)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return [(i, scores[i]) for i in order[:top_k]]
 
     @torch.no_grad()
     def logits(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> torch.Tensor:
-        """(n, 2) fp32 [z_yes, z_no] at the last position of each (instruction, query, document) prompt."""
+        """(n, 2) fp32 [z_yes, z_no] at the last position of each (instruction, query, document) prompt.
+        instruction=None means the default instruction."""
         proc, model, device = self.processor, self.model, self.device
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer (or None for the constructor's), got "
+                             f"{batch_size!r}")
         bank, (group,) = tokenize_groups(proc, [(instruction, query, documents)])
         group.check_lengths(self.max_length)
         feats = bank.features(model, self.image_batch_patches)  # vision tower once per distinct image

@@ -427,7 +427,7 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     assert sft["config"]["score"] == "sft" and cl["config"]["score"] == "cl"
     assert len(list((tmp_path / "cache").glob("synth_t2t-*.jsonl"))) == 2  # the score type is part of the key
     ds = next(d for d in load_suite(synth_suite / "suite") if d.name == "synth_t2t")
-    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score="cl")
+    rr = Reranker.from_pretrained(str(synth_suite / "checkpoint"), score_type="cl")
     item = lambda x: {k: v for k, v in (("text", x.text), ("image", x.image)) if v is not None}
     logit = {}
     for q in ds.queries:
