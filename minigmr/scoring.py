@@ -1,22 +1,20 @@
 """The reranker: score = p(yes) from the yes/no logits at the last position, computed by a fused loop.
 
-For one query and n candidate documents a plain implementation runs n full prompts through the model and
-projects every position onto the whole vocabulary. The fused loop does the same maths with much less work:
+A plain implementation runs each of the n (instruction, query, document) prompts through the model and projects
+every position onto the whole vocabulary (`reference_logits`, kept for the tests). The fused loop does the same
+maths with much less work:
 
-  1. tokenize: every candidate's full prompt is tokenized as a whole (so ids are exactly the plain ones); the
-     longest prefix common to all of them (system + instruction + query, incl. the query image) is the shared part;
+  1. tokenize: every prompt is tokenized whole (ids exactly the plain ones); the longest prefix they all share
+     (system + instruction + query, incl. the query image) is encoded once and its keys/values reused;
   2. vision: each distinct image (query and documents) goes through the vision tower once;
-  3. prefix: the shared part is encoded once; its keys/values are reused by every candidate;
-  4. candidates: sorted by length and cut into batches of at most `batch_size` candidates and (on a CPU)
-     `max_batch_tokens` padded tokens (little padding, buffers small enough to be reused), left-padded, and run
-     on top of the prefix keys/values; the last layer only computes the last position (`last_token_states`);
-  5. head: only the last hidden state is projected, and only onto the "yes" and "no" rows of the LM head, in fp32.
+  3. documents: sorted by length and cut into batches of at most `batch_size` documents and, on a CPU,
+     `max_batch_tokens` padded tokens, left-padded; the last layer only computes the last position;
+  4. head: only that hidden state is projected, onto the "yes" and "no" rows of the LM head, in fp32.
 
-All host-side work (tokens, padding, position ids, image-token slots) is done before the loop, so the loop has
-no host synchronisation (no `.item()`, no branching on device values) and can run under CUDA graphs /
-torch.compile. Weights are bf16 on a GPU and fp32 on a CPU; scores are always fp32.
-A "group" is one query with its candidate documents. `group_logits` is the same computation with autograd for
-training (many groups at once); `reference_logits` is the plain path, kept for the tests to compare against.
+All host-side work (tokens, padding, positions, image-token slots) is done before the loop, so the loop never
+waits on the device (no `.item()`, no branching on device values). Weights are bf16 on a GPU and fp32 on a CPU;
+scores are always fp32. A "group" is one query with its documents; `group_logits` is the same computation with
+autograd for training, many groups at once.
 """
 import json
 import os
