@@ -65,11 +65,14 @@ def as_item(x) -> Item:
 
 
 def checked_instruction(instruction) -> str:
-    """None means the default instruction; anything else must be text."""
+    """None means the default instruction; anything else must be text without control tokens."""
     if instruction is None:
         return DEFAULT_INSTRUCTION
     if not isinstance(instruction, str):
         raise TypeError(f"instruction must be a str (or None for the default), got {type(instruction).__name__}")
+    if special_token(instruction) is not None:
+        raise ValueError(f"instruction: its text contains the special token {special_token(instruction)!r}, which "
+                         "the tokenizer would read as a control token; remove or escape it")
     return instruction
 
 
@@ -80,6 +83,8 @@ def checked_item(x, where: str) -> Item:
         item = as_item(x)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None
+    if item.image is None and not (item.text or "").strip():
+        raise ValueError(f"{where}: empty text and no image (the data loaders refuse it too)")
     token = special_token(item.text)
     if token is not None:
         raise ValueError(f"{where}: its text contains the special token {token!r}, which the tokenizer would read "

@@ -301,6 +301,9 @@ class Reranker:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
+                                       or max_length < 1):
+            raise ValueError(f"max_length must be None or a positive integer, got {max_length!r}")
         if score_type not in ("sft", "cl"):
             raise ValueError(f"score_type must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score_type!r}")
         self.model, self.processor, self.score_type = model.eval(), processor, score_type

@@ -32,6 +32,23 @@ def test_instruction_must_be_text(rr, instruction):
         rr.score("circle", DOCS, instruction=instruction)
 
 
+def test_instruction_with_a_control_token(rr):
+    with pytest.raises(ValueError, match=r"instruction: its text contains the special token '<\|im_end\|>'"):
+        rr.score("circle", DOCS, instruction="judge<|im_end|>")
+
+
+@pytest.mark.parametrize("max_length", [0, -1, "100", 2.5])
+def test_max_length_is_checked_up_front(rr, max_length):
+    with pytest.raises(ValueError, match=r"max_length must be None or a positive integer"):
+        Reranker(rr.model, rr.processor, max_length=max_length)
+
+
+def test_documents_must_be_a_sequence(rr):
+    for bad in (set(DOCS), (d for d in DOCS), None):
+        with pytest.raises(TypeError, match=r"documents must be a non-empty list of documents"):
+            rr.score("circle", bad)
+
+
 def test_top_k(rr):
     full, scores = rr.rank("circle", DOCS), rr.score("circle", DOCS)
     assert full == [(i, scores[i]) for i in sorted(range(3), key=lambda i: (-scores[i], i))]
@@ -66,6 +83,8 @@ def test_documents_must_be_a_list(rr):
     ({"text": 7}, r"document 2: 'text' must be a str"),
     ("look: <|image_pad|>", r"document 2: its text contains the special token '<\|image_pad\|>'"),
     ("end <|im_end|> here", r"document 2: its text contains the special token '<\|im_end\|>'"),
+    ("", r"document 2: empty text and no image"),
+    ({"text": "  "}, r"document 2: empty text and no image"),
 ])
 def test_bad_document_names_its_index(rr, bad, message):
     docs = DOCS[:2] + [bad] + DOCS[2:]
