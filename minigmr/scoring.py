@@ -294,16 +294,18 @@ def checkpoint_score(path: str) -> str:
     return score
 
 
+def check_positive(name: str, value, none_ok: bool = False) -> None:
+    if not (value is None and none_ok) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive integer, got {value!r}")
+
+
 class Reranker:
     def __init__(self, model: Qwen25VL, processor: Processor, batch_size: int = 16, padding_side: str = "left",
                  max_length: int | None = None, score_type: str = "sft"):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)
-                                       or max_length < 1):
-            raise ValueError(f"max_length must be None or a positive integer, got {max_length!r}")
+        check_positive("batch_size", batch_size)
+        check_positive("max_length", max_length, none_ok=True)
         if score_type not in ("sft", "cl"):
             raise ValueError(f"score_type must be 'sft' (p(yes)) or 'cl' (the yes logit), got {score_type!r}")
         self.model, self.processor, self.score_type = model.eval(), processor, score_type
@@ -356,10 +358,7 @@ class Reranker:
         """(n, 2) fp32 [z_yes, z_no] at the last position of each (instruction, query, document) prompt.
         instruction=None means the default instruction."""
         proc, model, device = self.processor, self.model, self.device
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer (or None for the constructor's), got "
-                             f"{batch_size!r}")
+        check_positive("batch_size", batch_size, none_ok=True)
         bank, (group,) = tokenize_groups(proc, [(instruction, query, documents)])
         group.check_lengths(self.max_length)
         feats = bank.features(model, self.image_batch_patches)  # vision tower once per distinct image
