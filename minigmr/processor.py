@@ -96,10 +96,18 @@ class ImageProcessor:
 
     def __init__(self, min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2,
                  image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
-        if not 0 < min_pixels <= max_pixels:
+        sizes = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch_size,
+                 "temporal_patch_size": temporal_patch_size, "merge_size": merge_size}
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError(f"image_mean and image_std need 3 values, got {image_mean} and {image_std}")
+        numbers = lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if len(image_mean) != 3 or len(image_std) != 3 or not numbers(image_mean) or not numbers(image_std):
+            raise ValueError(f"image_mean and image_std need 3 numbers, got {image_mean} and {image_std}")
+        if not all(x > 0 for x in image_std):  # a zero std divides by zero: NaN scores
+            raise ValueError(f"image_std must be > 0, got {image_std}")
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
@@ -131,11 +139,14 @@ class ImageProcessor:
                 raise ValueError(f"{file}: {key}={cfg[key]!r} is not supported (only {want!r})")
         if abs(cfg.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
             raise ValueError(f"{file}: rescale_factor={cfg['rescale_factor']} is not supported (only 1/255)")
-        return cls(min_pixels=lo if min_pixels is None else min_pixels,
-                   max_pixels=hi if max_pixels is None else max_pixels,
-                   patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
-                   merge_size=cfg.get("merge_size", 2), image_mean=cfg.get("image_mean", OPENAI_CLIP_MEAN),
-                   image_std=cfg.get("image_std", OPENAI_CLIP_STD))
+        try:
+            return cls(min_pixels=lo if min_pixels is None else min_pixels,
+                       max_pixels=hi if max_pixels is None else max_pixels,
+                       patch_size=cfg.get("patch_size", 14), temporal_patch_size=cfg.get("temporal_patch_size", 2),
+                       merge_size=cfg.get("merge_size", 2), image_mean=cfg.get("image_mean", OPENAI_CLIP_MEAN),
+                       image_std=cfg.get("image_std", OPENAI_CLIP_STD))
+        except (TypeError, ValueError) as e:  # a field of the wrong type or range, located
+            raise ValueError(f"{file}: {e}") from None
 
     def preprocess(self, image):
         """One image -> (patches float32 (gh*gw, 3*T*p*p), [1, gh, gw]). Mirrors Qwen2VLImageProcessorPil."""

@@ -64,6 +64,12 @@ def as_item(x) -> Item:
     raise TypeError(f"a query/document must be a str, a path, a PIL image or a dict, not {type(x).__name__}")
 
 
+def check_positive(name: str, value, none_ok: bool = False) -> None:
+    """A count argument at the public boundary (batch_size, max_length): a positive int, bool refused."""
+    if not (value is None and none_ok) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive integer, got {value!r}")
+
+
 def checked_instruction(instruction) -> str:
     """None means the default instruction; anything else must be text without control tokens."""
     if instruction is None:

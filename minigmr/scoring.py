@@ -11,10 +11,9 @@ maths with much less work:
      `max_batch_tokens` padded tokens, left-padded; the last layer only computes the last position;
   4. head: only that hidden state is projected, onto the "yes" and "no" rows of the LM head, in fp32.
 
-All host-side work (tokens, padding, positions, image-token slots) is done before the loop, so the loop never
-waits on the device (no `.item()`, no branching on device values). Weights are bf16 on a GPU and fp32 on a CPU;
-scores are always fp32. A "group" is one query with its documents; `group_logits` is the same computation with
-autograd for training, many groups at once.
+Host-side work (tokens, padding, positions, image slots) is done before the loop, which never waits on the device.
+Weights are bf16 on a GPU and fp32 on a CPU; scores always fp32. A "group" is one query with its documents;
+`group_logits` is the same computation with autograd for training, many groups at once.
 """
 import json
 import os
@@ -29,11 +28,14 @@ from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
 from .peft_io import load_adapter
 from .processor import Processor, pad
-from .prompt import DEFAULT_INSTRUCTION, Item, checked_instruction, checked_item, gmr_messages, query_messages
+from .prompt import (DEFAULT_INSTRUCTION, Item, check_positive, checked_instruction, checked_item, gmr_messages,
+                     query_messages)
 
 
 def default_device_dtype(device=None, dtype=None):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torch names a bad one
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
@@ -292,11 +294,6 @@ def checkpoint_score(path: str) -> str:
     if score not in ("sft", "cl"):
         raise ValueError(f"{file}: 'score' must be 'sft' or 'cl', got {score!r}")
     return score
-
-
-def check_positive(name: str, value, none_ok: bool = False) -> None:
-    if not (value is None and none_ok) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be {'None or ' if none_ok else ''}a positive integer, got {value!r}")
 
 
 class Reranker:

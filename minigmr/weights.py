@@ -96,12 +96,17 @@ def checkpoint_files(path: str) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
+        with open(index, encoding="utf-8") as f:
             try:
                 weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
+        outside = [s for s in files if os.path.dirname(os.path.normpath(s)) not in ("",)]
+        if outside:  # shards live beside the index, as the Hub writes them
+            raise ValueError(f"{index}: shard names must be plain file names in {path}, got {outside[:3]}")
         missing = [s for s in files if not os.path.exists(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")

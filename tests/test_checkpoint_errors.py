@@ -1,5 +1,6 @@
 """A malformed checkpoint file gives an error that names the file and the field, never a raw library exception."""
 import json
+import pickle
 import re
 import shutil
 
@@ -7,7 +8,9 @@ import pytest
 
 from hf_reference import save_tiny_hf
 from minigmr.config import Config
+from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, Processor
+from minigmr.scoring import Reranker
 from oracles import make_tiny_tokenizer_dir, write_preprocessor_config
 
 
@@ -103,3 +106,60 @@ def test_preprocessor_config_errors_name_the_file(copy, content, message):
     (copy / "preprocessor_config.json").write_text(content)
     with pytest.raises(ValueError, match=re.escape(str(copy / "preprocessor_config.json")) + ": " + message):
         ImageProcessor.from_pretrained(str(copy))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"min_pixels": "3136"}, r"min_pixels must be a positive integer, got '3136'"),
+    ({"image_std": [0, 0, 0]}, r"image_std must be > 0"),
+    ({"image_mean": "abc"}, r"image_mean and image_std need 3 numbers"),
+    ({"patch_size": 0}, r"patch_size must be a positive integer, got 0"),
+])
+def test_preprocessor_config_fields_are_checked(copy, change, message):
+    cfg = json.loads((copy / "preprocessor_config.json").read_text())
+    cfg.update(change)
+    (copy / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=re.escape(str(copy / "preprocessor_config.json")) + ": " + message):
+        ImageProcessor.from_pretrained(str(copy))
+
+
+@pytest.mark.parametrize("index,message", [
+    ("[1]", "not a valid safetensors index"),
+    ('{"weight_map": ["a"]}', "'weight_map' must map tensor names to shard file names"),
+    ('{"weight_map": {"x": "../other/model.safetensors"}}', "shard names must be plain file names"),
+])
+def test_shard_index_errors(copy, index, message):
+    (copy / "model.safetensors").unlink()
+    (copy / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=re.escape(str(copy / "model.safetensors.index.json")) + ": " + message):
+        Qwen25VL.from_pretrained(str(copy))
+
+
+class Payload:
+    """Unpickling this runs code: it creates the marker file."""
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickled_checkpoint_is_never_unpickled(copy, tmp_path):
+    marker = tmp_path / "payload-ran"
+    Payload.marker = marker
+    with open(copy / "pytorch_model.bin", "wb") as f:
+        pickle.dump(Payload(), f)
+    pickle.loads(pickle.dumps(Payload()))  # the payload does fire when unpickled
+    assert marker.exists()
+    marker.unlink()
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        Qwen25VL.from_pretrained(str(copy))
+    with pytest.raises(FileNotFoundError):
+        Reranker.from_pretrained(str(copy))
+    assert not marker.exists()
+
+
+def test_dtype_and_device_arguments(ckpt):
+    with pytest.raises(TypeError, match=r"dtype must be a torch.dtype such as torch.bfloat16, got 'float32'"):
+        Reranker.from_pretrained(str(ckpt), dtype="float32")
+    with pytest.raises(RuntimeError, match="nope"):
+        Reranker.from_pretrained(str(ckpt), device="nope")
