@@ -30,8 +30,8 @@ def tiny_hf_config(tie=False, vision_depth=2, fullatt=(1,), text_layers=2, windo
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
 
 
-def hf_config_of(cfg, special: dict):
-    """transformers' `Qwen2_5_VLConfig` of a minigmr `Config`; `special` maps special-token strings to their ids."""
+def hf_config_of(cfg, token_id):
+    """transformers' `Qwen2_5_VLConfig` of a minigmr `Config`; `token_id(s)` is a special token's id."""
     from transformers import Qwen2_5_VLConfig
     t, v = cfg.text, cfg.vision
     return Qwen2_5_VLConfig(
@@ -41,16 +41,16 @@ def hf_config_of(cfg, special: dict):
                          rms_norm_eps=t.rms_norm_eps,
                          rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
                                           "mrope_section": list(t.mrope_section)},
-                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
-                         pad_token_id=special["<|endoftext|>"], use_sliding_window=False,
+                         bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+                         pad_token_id=token_id("<|endoftext|>"), use_sliding_window=False,
                          max_window_layers=t.num_hidden_layers, tie_word_embeddings=t.tie_word_embeddings),
         vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, out_hidden_size=v.out_hidden_size,
                            num_heads=v.num_heads, intermediate_size=v.intermediate_size, patch_size=v.patch_size,
                            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
                            window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
                            in_channels=v.in_channels, hidden_act="silu", tokens_per_second=v.tokens_per_second),
-        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=t.tie_word_embeddings)
 
 
