@@ -3,16 +3,13 @@
     python bench.py                                      # --config small on a CPU (the README's table)
     python bench.py --config 3b --device cuda --compile  # the real shapes, bf16
 
-Needs the `test` extra: the transformers side is built with the tests' helpers (tests/hf_reference.py,
-tests/oracles.py), so that minigmr/ never imports transformers. Both sides load one random Qwen2.5-VL saved by
-transformers (and, for W4, one peft LoRA adapter) and run four MRB-like workloads (docs/gmr.md §4) end to end, from
-text and PIL images to scores (--quick: a quarter of the documents):
-    W1  a text query vs 100 text documents of 50-300 tokens
-    W2  a text query vs 32 images of ~448 px, mixed sizes
-    W3  an image query of ~448 px vs 64 text documents
-    W4  one SFT step: 2 queries x (1+8) text documents, LoRA r16, AdamW
-transformers runs as a careful user writes it: its processor and the official chat template on the same GMR prompt,
-left padding, the same batch size, logits_to_keep=1, use_cache=False. Timed repetitions alternate who goes first.
+Needs the `test` extra: the transformers side comes from the tests' helpers, so minigmr/ never imports transformers.
+Both sides load one random Qwen2.5-VL saved by transformers (and one peft LoRA adapter for W4) and run MRB-like
+workloads (docs/gmr.md §4) from text and PIL images to scores: W1 a text query vs 100 text documents of 50-300 tokens,
+W2 a text query vs 32 images of ~448 px, W3 an image query vs 64 text documents (--quick: a quarter of each), W4 one
+SFT step on 2 queries x (1+8) text documents with LoRA r16. transformers runs as a careful user writes it: its
+processor and official chat template on the same GMR prompt, left padding, the same batch size, logits_to_keep=1,
+no cache. Timed repetitions alternate who goes first.
 """
 import argparse
 import ctypes
@@ -63,9 +60,8 @@ SHAPES = {  # (text, vision) overrides of the 3B preset
 
 
 def model_config(name: str) -> Config:
-    """'3b' / '7b': the official shapes. 'small': the 3B's proportions (vocabulary, head_dim 128 with 8:1 grouped
-    query heads, M-RoPE sections, vision head_dim 80, windows, tied head) at 2 text layers of width 1024 and a 4-block
-    320-wide vision tower, so that the whole benchmark fits a small CPU. 'tiny': the smoke test's toy."""
+    """'3b' / '7b': the official shapes. 'small': the 3B's proportions (vocabulary, head_dim 128 with 8:1 GQA, M-RoPE
+    sections, vision head_dim 80, windows, tied head) at a size a small CPU runs. 'tiny': the smoke test's toy."""
     return Config.preset(name) if name in ("3b", "7b") else Config.preset("3b").replace(*SHAPES[name])
 
 
@@ -201,7 +197,7 @@ def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> 
     lin = attn = lora = vision = head = 0.0
     for ins, query, docs in w.get("groups") or [(DEFAULT_INSTRUCTION, w["query"], w["docs"])]:
         bank, (g,) = tokenize_groups(proc, [(ins, query, docs)])  # the prefix and rests the fused scorer runs
-        P, rests = len(g.prefix), [len(r) for r in g.rests]
+        P, rests = len(g.prefix), [len(rest) for rest in g.rests]
         for gt, gh, gw in (grid.tolist() for grid in bank.grids):  # each distinct image once
             n, side = gt * gh * gw, v.window_size // v.patch_size  # patches; window side in patches
             win = [min(side, gh - i) * min(side, gw - j) for i in range(0, gh, side) for j in range(0, gw, side)]
@@ -284,21 +280,6 @@ def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
                 fraction_of_peak=statistics.median(flops / t / p for t, p in zip(mg, peaks)))
 
 
-def benchmark(args) -> dict:
-    """Every workload of args.workloads on one random checkpoint written to args.workdir."""
-    cfg, ckpt, load = model_config(args.config), os.path.join(args.workdir, "checkpoint"), os.getloadavg()[0]
-    proc = build_checkpoint(args, cfg, ckpt)
-    tokenizer = f"{'qwen' if cfg.text.vocab_size >= 151665 else 'tiny BPE'} ({proc.tokenizer.get_vocab_size()} ids)"
-    results = {name: compare(args, ckpt, cfg, proc, name) for name in args.workloads}
-    return dict(config=args.config, device=args.device, dtype=str(args.dtype).removeprefix("torch."),
-                threads=torch.get_num_threads(), load_average=load, torch=torch.__version__,
-                transformers=transformers.__version__, tokenizer=tokenizer, batch_size=args.batch_size,
-                repeats=args.repeats, quick=args.quick, image_side=args.image_side,
-                memory_method="cuda max_memory_allocated" if args.device.startswith("cuda") else "rss",
-                matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
-                workloads=results)
-
-
 def format_table(res: dict) -> str:
     mem = lambda x: "-" if x is None else f"{x:.0f}"
     lines = [f"minigmr vs transformers | config {res['config']} | {res['device']} {res['dtype']} | threads "
@@ -340,11 +321,21 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.image_side = args.image_side or (56 if args.config == "tiny" else 224 if args.quick else 448)
-    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    cuda, cfg, load = args.device.startswith("cuda"), model_config(args.config), os.getloadavg()[0]
+    args.dtype = torch.bfloat16 if cuda else torch.float32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="minigmr_bench_") as tmp:
-        args.workdir = args.workdir or tmp
-        res = benchmark(args)
+        ckpt = os.path.join(args.workdir or tmp, "checkpoint")
+        proc = build_checkpoint(args, cfg, ckpt)
+        results = {name: compare(args, ckpt, cfg, proc, name) for name in args.workloads}
+    tokenizer = f"{'qwen' if cfg.text.vocab_size >= 151665 else 'tiny BPE'} ({proc.tokenizer.get_vocab_size()} ids)"
+    res = dict(config=args.config, device=args.device, dtype=str(args.dtype).removeprefix("torch."),
+               threads=torch.get_num_threads(), load_average=load, torch=torch.__version__,
+               transformers=transformers.__version__, tokenizer=tokenizer, batch_size=args.batch_size,
+               repeats=args.repeats, quick=args.quick, image_side=args.image_side,
+               memory_method="cuda max_memory_allocated" if cuda else "rss",
+               matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
+               workloads=results)
     print(format_table(res))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(res, indent=2))
