@@ -41,9 +41,9 @@ def read_json_object(path: str | os.PathLike, hint: str = "") -> dict:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     """Strict JSON (no NaN / Infinity), indented, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # fails before any file is touched
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
+        f.write(text)
     os.replace(f"{path}.tmp", path)
 
 
