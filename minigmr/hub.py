@@ -30,7 +30,7 @@ def resolve(name_or_path, revision: str | None = None) -> str | None:
     except ImportError:
         raise ImportError(f"{path!r} is not a local folder; to load it from the Hugging Face Hub install "
                           "huggingface_hub (pip install 'minigmr[hub]'), or give a local folder") from None
-    offline = huggingface_hub.constants.is_offline_mode()
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1
     try:
         return huggingface_hub.snapshot_download(path, revision=revision, allow_patterns=PATTERNS,
                                                  local_files_only=offline)
