@@ -13,7 +13,9 @@ cross_encoder/modules/logit_score.py and base/modules/transformer.py):
 = p(yes), exactly `Reranker.score` (score "sft"); a checkpoint read with the yes logit (score "cl") gets
 LogitScore(yes, None) and Identity. The chat template below renders the GMR prompt of minigmr/prompt.py character
 for character (the system message, when present, is the instruction), and the official Qwen2.5-VL chat for any
-other conversation. Nothing here imports sentence-transformers: it only writes JSON and Jinja.
+other conversation. Nothing here imports sentence-transformers: it only writes JSON and Jinja. One difference
+remains by design: sentence-transformers truncates a prompt longer than the tokenizer's model_max_length (keeping
+the assistant suffix), where minigmr refuses it.
 
 The processor: transformers' Qwen2_5_VLProcessor always builds a video processor, which needs torchvision
 (transformers models/auto/video_processing_auto.py), and PyPI's torchvision does not import beside a CPU torch.
@@ -26,6 +28,7 @@ pass processor_kwargs={"backend": "pil"} for the same pixels.
 import json
 import os
 
+from .processor import Processor
 from .prompt import DEFAULT_INSTRUCTION, SYSTEM_PROMPT
 from .scoring import SCORE_FILE, checkpoint_score
 
@@ -84,16 +87,6 @@ def _read_json(path: str) -> dict:
     return obj
 
 
-def token_ids(folder: str) -> tuple:
-    """(yes, no) ids from the folder's tokenizer.json, as Processor.token_id resolves them (never hard-coded)."""
-    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
-        vocab = json.load(f)["model"]["vocab"]
-    missing = [t for t in ("yes", "no") if t not in vocab]
-    if missing:
-        raise ValueError(f"{folder}/tokenizer.json: no single token for {missing}; a yes/no reranker needs both")
-    return vocab["yes"], vocab["no"]
-
-
 def write_sentence_transformers_files(folder: str, score: str | None = None) -> list:
     """Add to a checkpoint folder (official layout, with tokenizer.json and preprocessor_config.json) what
     `sentence_transformers.CrossEncoder(folder)` needs; returns the files written. score: "sft" (predict() gives
@@ -104,7 +97,8 @@ def write_sentence_transformers_files(folder: str, score: str | None = None) -> 
     score = score or checkpoint_score(folder)
     if score not in ("sft", "cl"):
         raise ValueError(f"score must be 'sft' or 'cl', got {score!r}")
-    yes, no = token_ids(folder)
+    processor = Processor.from_pretrained(folder)
+    yes, no = processor.token_id("yes"), processor.token_id("no")  # as Reranker resolves them, never hard-coded
     path = lambda name: os.path.join(folder, name)
     written = []
 

@@ -1,9 +1,12 @@
 """The reranker on-ramp: hub ids resolved offline from the local cache (and clear errors when neither a folder nor
-the cache has them), mixed-query pair scoring with a progress bar, rank(return_documents=True), and
-tools/rerank_run.py reranking a TREC run."""
+the cache has them), mixed-query pair scoring with a progress bar, rank(return_documents=True),
+tools/rerank_run.py reranking a TREC run, and the optional integrations staying optional."""
+import ast
 import json
 import os
+import pathlib
 import shutil
+import subprocess
 import sys
 
 import huggingface_hub
@@ -138,3 +141,27 @@ def test_rerank_a_trec_run(rr, ckpt, tmp_path):
         rerank(rr, str(tmp_path / "queries.jsonl"), str(tmp_path / "corpus.jsonl"), str(tmp_path / "run.trec"),
                str(tmp_path / "bad.trec"))
     assert not os.path.exists(tmp_path / "bad.trec") and not os.path.exists(tmp_path / "bad.trec.partial")
+
+
+# ---------------------------------------------------------------------------------------------------- optional extras
+OPTIONAL = {"huggingface_hub": "hub.py", "mteb": "mteb_adapter.py", "sentence_transformers": None, "pyarrow": None,
+            "datasets": None}  # package -> the one minigmr file allowed to import it (inside a function)
+
+
+def test_optional_packages_stay_optional():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for f in (root / "minigmr").glob("*.py"):
+        tree = ast.parse(f.read_text())
+        in_functions = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for n in ast.walk(fn)}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for package in {n.split(".")[0] for n in names} & set(OPTIONAL):
+                assert OPTIONAL[package] == f.name, f"{f.name}:{node.lineno} imports the optional {package}"
+                assert id(node) in in_functions, f"{f.name}:{node.lineno} imports {package} at module level"
+    probe = ("import sys, minigmr, minigmr.hub, minigmr.pairs, minigmr.st_export, minigmr.mteb_adapter; "
+             f"print(sorted(m for m in {sorted(OPTIONAL) + ['transformers']} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "[]"  # importing minigmr loads none of them
