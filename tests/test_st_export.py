@@ -1,14 +1,17 @@
 """The sentence-transformers export: `CrossEncoder(folder)` renders minigmr's GMR prompt exactly and returns its
 log-odds (the logit of p(yes)), its p(yes) and its ranking, on text and image documents, with and without an
 adapter; and the export fails loudly, leaving nothing behind."""
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hf_reference import tiny_hf_model
-from oracles import make_tiny_tokenizer_dir, write_preprocessor_config
+from oracles import (QWEN25VL_CHAT_TEMPLATE, make_tiny_tokenizer_dir, real_qwen_tokenizer_json,
+                     write_preprocessor_config)
 from PIL import Image
 from sentence_transformers import CrossEncoder
 from transformers import AutoProcessor
@@ -133,3 +136,33 @@ def test_export_errors_leave_nothing(ckpt, tmp_path):
     with pytest.raises(ValueError, match="score must be 'sft' or 'cl'"):  # fails after the weights are written
         export(ckpt, str(tmp_path / "out"), score="pairwise")
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_real_vocabulary_and_a_checkpoint_with_its_own_templates(ckpt, tmp_path):
+    """A folder laid out like the official checkpoints (real Qwen tokenizer, chat_template.json, a tokenizer_config
+    with its own template): the export resolves yes = 9693 / no = 2152, removes the legacy template that transformers
+    would prefer, and transformers' processor then gives minigmr's token ids, pixels and grids for a pair."""
+    folder = tmp_path / "official"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((Path(ckpt) / name).read_bytes())
+    real_qwen_tokenizer_json(str(folder))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN25VL_CHAT_TEMPLATE}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN25VL_CHAT_TEMPLATE, "extra_special_tokens": {},
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "processor_class": "Qwen2_5_VLProcessor"}))
+    write_sentence_transformers_files(str(folder))
+    assert not (folder / "chat_template.json").exists()
+    head = json.loads((folder / "1_LogitScore" / "config.json").read_text())
+    assert (head["true_token_id"], head["false_token_id"]) == (9693, 2152)
+    proc, ours = AutoProcessor.from_pretrained(str(folder)), Processor.from_pretrained(str(folder))
+    query, doc = {"text": "what is red?", "image": img(5, 70, 98)}, {"image": img(6, 112, 56), "text": "a caption"}
+    content = lambda x: [{"type": "image", "image": x["image"]}, {"type": "text", "text": x["text"]}]
+    got = proc.apply_chat_template([[{"role": "system", "content": INSTRUCTION},
+                                     {"role": "query", "content": content(query)},
+                                     {"role": "document", "content": content(doc)}]],
+                                   tokenize=True, return_dict=True, return_tensors="pt")
+    want = ours.apply_chat([gmr_messages(INSTRUCTION, query, doc)])
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    assert got["image_grid_thw"].tolist() == want["image_grid_thw"].tolist()
+    torch.testing.assert_close(got["pixel_values"].float(), want["pixel_values"], atol=1e-6, rtol=0)
