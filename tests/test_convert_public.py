@@ -83,7 +83,9 @@ def vidore(tmp_path):
     write_table(str(src / "queries" / "test-00000-of-00001.parquet"),
                 {"query-id": [7, 8], "query": ["total revenue?", "who signed?"], "answer": ["5", "Bo"]},
                 {"query-id": pa.int64()})
-    write_table(str(src / "qrels" / "test-00000-of-00001.parquet"),
+    write_table(str(src / "queries" / "train-00000-of-00001.parquet"), {"query-id": [99], "query": ["a train query"]},
+                {"query-id": pa.int64()})  # another split's file: never read
+    write_table(str(src / "qrels" / "test" / "0000.parquet"),  # the Hub's <config>/<split>/ layout
                 {"query-id": [7, 8], "corpus-id": [2, 0], "score": [1, 1]},
                 {"query-id": pa.int64(), "corpus-id": pa.int64(), "score": pa.int64()})
     return src
@@ -99,7 +101,10 @@ def test_vidore_and_beir_only(tmp_path):
     ds = load_dataset(tmp_path / "suite" / "docvqa")
     assert ds.qrels == {"7": {"2": 1}, "8": {"0": 1}} and ds.task == "T->VD" and ds.name == "docvqa"
     assert [image_bytes(ds, d) for d in "012"] == [png(10), png(11), png(12)]
-    assert ds.queries["7"].text == "total revenue?" and ds.queries["7"].image is None
+    assert ds.queries["7"].text == "total revenue?" and ds.queries["7"].image is None and "99" not in ds.queries
+    (src / "queries" / "test-00000-of-00001.parquet").unlink()
+    with pytest.raises(ValueError, match=r"no queries.parquet and no queries/test\*.parquet .*train-00000"):
+        convert("vidore", str(src), str(tmp_path / "beir2"))
 
 
 # ---------------------------------------------------------------------------------------------------- M-BEIR

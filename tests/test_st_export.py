@@ -26,6 +26,7 @@ from minigmr.st_export import write_sentence_transformers_files
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 from export_st import export  # noqa: E402
+from export_st import main as export_main  # noqa: E402
 
 MIN_PIX, MAX_PIX = 28 * 28 * 4, 28 * 28 * 40
 INSTRUCTION = "Find the document that shows the query."
@@ -136,6 +137,9 @@ def test_export_errors_leave_nothing(ckpt, tmp_path):
     with pytest.raises(ValueError, match="score must be 'sft' or 'cl'"):  # fails after the weights are written
         export(ckpt, str(tmp_path / "out"), score="pairwise")
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+    export_main([ckpt, str(tmp_path / "cli"), "--score", "cl", "--dtype", "bfloat16"])  # the command line
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert Reranker.from_pretrained(str(tmp_path / "cli")).score_type == "cl"
 
 
 def test_real_vocabulary_and_a_checkpoint_with_its_own_templates(ckpt, tmp_path):

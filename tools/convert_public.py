@@ -17,7 +17,7 @@ The layouts (a local copy of the Hugging Face dataset repository, e.g. `hf downl
           items `id`, `text`, `image`; qrels `query-id`, `corpus-id`, `score`.
   vidore  configs corpus (`corpus-id`, `image`), queries (`query-id`, `query`), qrels (`query-id`, `corpus-id`,
           `score`), split test (the vidore/*_beir datasets).
-A parquet config is `<config>.parquet`, or the `<split>*.parquet` files (or all files) of the folder `<config>/`;
+A parquet config is `<config>.parquet`, or the `<split>*.parquet` / `<split>/*.parquet` files under `<config>/`;
 an image is the Hugging Face Image struct {bytes, path}, written out byte for byte (no re-encoding).
 
 Each release becomes a BEIR folder (tools/beir_to_suite.py's input: corpus.jsonl, queries.jsonl, qrels/test.tsv,
@@ -180,15 +180,19 @@ def mbeir_to_beir(src: str, out: str, name: str, keep_docs=None):
 
 # ---------------------------------------------------------------------------------------------------- parquet
 def parquet_files(src: str, config: str, split: str) -> list:
+    """The parquet files of one config and split: `<config>.parquet`, else the files under `<config>/` named
+    `<split>*.parquet` or inside a `<split>/` folder (the Hub's two layouts); never another split's files."""
     flat = os.path.join(src, f"{config}.parquet")
     if os.path.isfile(flat):
         return [flat]
-    files = sorted(glob.glob(os.path.join(src, config, "*.parquet")))
-    of_split = [f for f in files if os.path.basename(f).startswith(split)]
-    if not files:
-        raise ValueError(f"{src}: no {config}.parquet and no {config}/*.parquet (config {config!r}); found: "
-                         f"{sorted(os.listdir(src)) if os.path.isdir(src) else 'no such folder'}")
-    return of_split or files
+    files = sorted(glob.glob(os.path.join(src, config, "**", "*.parquet"), recursive=True))
+    of_split = [f for f in files if os.path.basename(f).startswith(split)
+                or os.path.basename(os.path.dirname(f)) == split]
+    if not of_split:
+        found = [os.path.relpath(f, src) for f in files] or sorted(os.listdir(src)) if os.path.isdir(src) else []
+        raise ValueError(f"{src}: no {config}.parquet and no {config}/{split}*.parquet or {config}/{split}/*.parquet "
+                         f"(config {config!r}, split {split!r}); found: {found or 'no such folder'}")
+    return of_split
 
 
 def parquet_columns(file: str) -> list:
