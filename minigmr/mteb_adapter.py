@@ -20,6 +20,7 @@ mteb is imported here only, and only when an adapter is built: it is an optional
 """
 import numpy as np
 
+from .hub import resolve
 from .scoring import Reranker
 
 
@@ -47,8 +48,8 @@ def batch_items(batch: dict, side: str, offset: int) -> list:
 
 
 class MtebReranker:
-    """An mteb cross-encoder over `Reranker.from_pretrained(model_name, revision...)`, or over a given `reranker`.
-    kwargs (dtype, device, adapter, batch_size, ...) go to Reranker.from_pretrained."""
+    """An mteb cross-encoder over `Reranker.from_pretrained(model_name)` (a folder, or a hub id at `revision`), or
+    over a given `reranker`. kwargs (dtype, adapter, batch_size, ...) go to Reranker.from_pretrained."""
 
     def __init__(self, model_name: str | None = None, revision: str | None = None, device: str | None = None, *,
                  reranker: Reranker | None = None, **kwargs):
@@ -56,7 +57,7 @@ class MtebReranker:
 
         if (model_name is None) == (reranker is None):
             raise ValueError("give exactly one of model_name (a checkpoint folder or hub id) and reranker")
-        self.reranker = reranker or Reranker.from_pretrained(model_name, device=device, **kwargs)
+        self.reranker = reranker or Reranker.from_pretrained(resolve(model_name, revision), device=device, **kwargs)
         name = model_name if model_name and "/" in model_name else f"minigmr/{model_name or 'reranker'}"
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             name=name, revision=revision, loader=MtebReranker, modalities=["text", "image"], use_instructions=True,

@@ -2,6 +2,7 @@
 candidates and through mteb's convert_to_reranking), gives exactly Reranker.score's scores with the task's prompt
 as the instruction."""
 import json
+import os
 
 import mteb
 import numpy as np
@@ -55,12 +56,17 @@ class LocalTask(AbsTaskRetrieval):
 
 
 @pytest.fixture(scope="module")
-def reranker(tmp_path_factory):
+def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     save_tiny_hf(path, seed=5)
     make_tiny_tokenizer_dir(path)
     write_preprocessor_config(path, 28 * 28 * 4, 28 * 28 * 40)
-    return Reranker.from_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reranker(ckpt):
+    return Reranker.from_pretrained(ckpt)
 
 
 def expected(rr, ranked):
@@ -103,7 +109,9 @@ def test_two_stage_flow_convert_to_reranking(reranker, tmp_path):
     check(predictions(tmp_path / "second"), expected(reranker, top2))
 
 
-def test_instruction_and_errors():
+def test_loading_instruction_and_errors(ckpt, reranker):
+    loaded = MtebReranker(ckpt, batch_size=2)  # as mteb's loader calls it: model name (a folder here), revision
+    assert loaded.reranker.batch_size == 2 and loaded.mteb_model_meta.name.endswith(os.path.basename(ckpt))
     assert task_instruction(LocalTask.metadata) == PROMPT
     with pytest.raises(ValueError, match="exactly one of model_name"):
         MtebReranker()
