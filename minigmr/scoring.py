@@ -23,9 +23,11 @@ import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
 from .files import read_json
+from .hub import resolve
 from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
+from .pairs import score_pairs
 from .peft_io import load_adapter
 from .processor import Processor, pad
 from .prompt import (DEFAULT_INSTRUCTION, Item, check_positive, checked_instruction, checked_item, gmr_messages,
@@ -316,12 +318,10 @@ class Reranker:
     @classmethod
     def from_pretrained(cls, path: str, adapter: str | None = None, dtype=None, device=None, min_pixels=None,
                         max_pixels=None, score_type: str | None = None, **kw) -> "Reranker":
-        """Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json), optionally
-        with a LoRA adapter directory (minigmr or peft format), merged into the weights for inference.
-        min_pixels / max_pixels override the image sizes of preprocessor_config.json (with the constructor, pass a
-        `Processor.from_pretrained(path, min_pixels, max_pixels)`); `kw` goes to the constructor.
-        score_type: "sft" or "cl"; default: what the checkpoint's SCORE_FILE says, else "sft"."""
-        device, dtype = default_device_dtype(device, dtype)
+        """A checkpoint in the official layout, as a folder or a hub id (hub.py), with an optional LoRA adapter (folder
+        or hub id; minigmr or peft format) merged in; min_pixels / max_pixels override preprocessor_config.json's;
+        `kw` goes to the constructor; score_type "sft" or "cl", default: the checkpoint's SCORE_FILE, else "sft"."""
+        (path, adapter), (device, dtype) = (resolve(path), resolve(adapter)), default_device_dtype(device, dtype)
         model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
         if adapter is not None:
             load_adapter(model, adapter)
@@ -335,16 +335,19 @@ class Reranker:
         z = self.logits(query, documents, instruction, batch_size)
         return (sft_score(z) if self.score_type == "sft" else cl_score(z)).tolist()
 
-    def rank(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, top_k=None, batch_size=None) -> list:
+    def score_pairs(self, pairs, instruction=DEFAULT_INSTRUCTION, batch_size=None, show_progress_bar=None) -> list:
+        return score_pairs(self, pairs, instruction, batch_size, show_progress_bar)  # mixed queries: pairs.py
+
+    def rank(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, top_k=None, batch_size=None,
+             return_documents: bool = False) -> list:
         """[(index, score)] sorted by score, best first (ties: lower index first); the first `top_k` only
-        (None: all; more than there are: all)."""
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
-            raise TypeError(f"top_k must be None or an integer >= 0, got {top_k!r}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k}")
+        (None: all; more than there are: all). return_documents: [(index, score, document)]."""
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+            error = ValueError if isinstance(top_k, int) and not isinstance(top_k, bool) else TypeError
+            raise error(f"top_k must be None or an integer >= 0, got {top_k!r}")
         scores = self.score(query, documents, instruction, batch_size)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        return [(i, scores[i]) for i in order[:top_k]]
+        return [(i, scores[i], documents[i]) if return_documents else (i, scores[i]) for i in order[:top_k]]
 
     @torch.no_grad()
     def logits(self, query, documents, instruction: str = DEFAULT_INSTRUCTION, batch_size=None) -> torch.Tensor:
