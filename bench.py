@@ -152,7 +152,8 @@ def minigmr_side(args, ckpt: str, train: bool):
         return sft_step(lambda groups: group_logits(model, processor, groups), lora_parameters(model))
     reranker = Reranker(model, processor, batch_size=args.batch_size)
     if args.compile:
-        model.text, model.vision = torch.compile(model.text, dynamic=True), torch.compile(model.vision, dynamic=True)
+        for block in (*model.text.layers, *model.vision.blocks):  # the fused loop calls layers, not text.forward
+            block.compile(dynamic=True)
     return lambda query, docs: sft_score(reranker.logits(query, docs))
 
 

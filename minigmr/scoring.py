@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
+from .hardware import default_dtype
 from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
 from .model import Qwen25VL
@@ -36,7 +37,7 @@ def default_device_dtype(device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torch names a bad one
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype or default_dtype(device)  # bf16 on CUDA and on CPUs with fast bf16, else fp32
 
 
 # ----------------------------------------------------------------------------- host-side preparation
