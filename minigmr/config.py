@@ -12,9 +12,10 @@ unchanged.
 Class defaults here are the checkpoint values of Qwen2.5-VL-3B, not transformers' class defaults
 (which differ: vision hidden_size 3584, tokens_per_second 4; docs/qwen25vl.md pitfall §7.11).
 """
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+
+from .files import read_json_object, write_json
 
 
 @dataclass
@@ -117,8 +118,6 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
         """Both the flat official format and the nested transformers-5.x format."""
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         for block in ("vision_config", "text_config", "rope_scaling", "rope_parameters"):
             if d.get(block) is not None and not isinstance(d[block], dict):
                 raise ValueError(f"{source}: {block!r} must be a JSON object, got {d[block]!r}")
@@ -137,18 +136,15 @@ class Config:
         text_kw["rope_theta"] = rope.get("rope_theta", src.get("rope_theta", TextConfig.rope_theta))
         if "mrope_section" in rope:
             text_kw["mrope_section"] = list(rope["mrope_section"])
-        # special-token ids live at the top level in both formats
-        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        # special-token ids and the head tying live at the top level in both formats
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                  "tie_word_embeddings"):
             if k in d:
                 text_kw[k] = d[k]
-        if "tie_word_embeddings" in d:  # top level in both formats
-            text_kw["tie_word_embeddings"] = d["tie_word_embeddings"]
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "num_key_value_heads") if k not in text_kw]
         if missing:
             raise ValueError(f"{source}: text fields missing: {missing}")
-        if not isinstance(d["vision_config"], dict):
-            raise ValueError(f"{source}: 'vision_config' must be a JSON object, got {d['vision_config']!r}")
         vc = dict(d["vision_config"])
         vis_kw = {f.name: vc[f.name] for f in fields(VisionConfig) if f.name in vc}
         if "in_chans" in vc:  # official checkpoint spelling (docs/qwen25vl.md §1.2)
@@ -175,12 +171,7 @@ class Config:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json_object(path), source=path)
 
     # ------------------------------------------------------------------ writing
     def to_dict(self) -> dict:
@@ -203,8 +194,7 @@ class Config:
         }
 
     def save(self, directory: str) -> None:
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        write_json(os.path.join(directory, "config.json"), self.to_dict())
 
     # ------------------------------------------------------------------ presets
     @classmethod

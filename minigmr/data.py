@@ -1,4 +1,4 @@
-"""The on-disk format of minigmr's reranking evaluation datasets, and the JSON helpers every data file shares.
+"""The on-disk format of minigmr's reranking evaluation datasets, and the JSONL and item readers every data file shares.
 
 An item (a query or a document) is text, one image, or both (MRB has at most one image per item). The training data
 format (minigmr/train_data.py) reuses the item parser below.
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import read_json, read_json_object, write_json
 from .metrics import Qrels, Run, parse_metric, rank, read_lines, read_qrels, read_run, write_qrels, write_run
 from .tokenizer import special_token
 
@@ -47,8 +48,6 @@ TASK_GROUP = {"T->T": "single-modal", "I->I": "single-modal",
               "T->I": "cross-modal", "T->VD": "cross-modal", "I->T": "cross-modal",
               "T->IT": "fused-modal", "IT->T": "fused-modal", "IT->I": "fused-modal", "IT->IT": "fused-modal"}
 META_FIELDS = ("name", "task", "instruction", "main_metric")
-# Control tokens of the Qwen2.5 chat format: inside an item's text they would be read as prompt structure
-# (transformers tokenizes them as special tokens), e.g. <|image_pad|> as an image slot with no image.
 
 
 @dataclass
@@ -85,26 +84,7 @@ class Dataset:
         return rank(self.run[qid])
 
 
-# ---------------------------------------------------------------------------------------------------- JSON files
-def read_json(path: str | os.PathLike, hint: str = "") -> Any:
-    """The JSON value of a file; a missing, non-UTF-8 or malformed file is a ValueError naming the path (then
-    `hint`)."""
-    try:
-        return json.loads("".join(line for _, line in read_lines(path)))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: not found{hint}") from None
-    except OSError as e:  # a folder, no permission, ...
-        raise ValueError(f"{path}: cannot be read ({e.strerror}){hint}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}){hint}") from None
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
+# ---------------------------------------------------------------------------------------------------- JSON lines
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for every non-blank line of a JSONL file; errors name the file and line."""
     for n, line in read_lines(path):
@@ -159,9 +139,7 @@ def missing_image(item: Item) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- datasets
 def _read_meta(path: str) -> dict:
-    meta = read_json(path, hint="; a dataset folder needs meta.json (see minigmr/data.py)")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    meta = read_json_object(path, hint="; a dataset folder needs meta.json (see minigmr/data.py)")
     missing = [k for k in META_FIELDS if k not in meta]
     unknown = sorted(set(meta) - set(META_FIELDS) - {"source"})
     if missing or unknown:

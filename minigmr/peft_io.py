@@ -12,16 +12,14 @@ We load both and write the new one, which current peft loads without renaming.
 Only plain LoRA is read: the options of `peft.LoraConfig` that change the computation are refused by name, and
 so is a pickled `adapter_model.bin` (minigmr never unpickles).
 """
-import json
 import math
 import os
 import re
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .files import open_safetensors, read_json_object, write_json, write_safetensors
 from .lora import LoRALinear, lora_modules, replace_module
 from .weights import to_hf, to_ours
 
@@ -55,9 +53,8 @@ def _hf_module(our_module: str) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str, extra_config: dict = None) -> None:
-    """Write the model's LoRA weights as a peft adapter in `directory`. Each file is written to a temporary name
-    and then os.replace'd, so a crash never leaves a half-written file. `extra_config` adds keys to
-    adapter_config.json (e.g. base_model_name_or_path); it may not set the ones that define the maths."""
+    """Write the model's LoRA weights as a peft adapter in `directory` (each file atomically). `extra_config` adds
+    keys to adapter_config.json (e.g. base_model_name_or_path); it may not set the ones that define the maths."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers")
@@ -85,13 +82,8 @@ def save_adapter(model: nn.Module, directory: str, extra_config: dict = None) ->
         tensors[f"{PEFT_PREFIX}{hf_names[name]}.lora_A.weight"] = m.lora_a.detach().cpu().contiguous()  # (r, in)
         tensors[f"{PEFT_PREFIX}{hf_names[name]}.lora_B.weight"] = m.lora_b.detach().cpu().contiguous()  # (out, r)
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "adapter_model.safetensors")
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-    path = os.path.join(directory, "adapter_config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_safetensors(os.path.join(directory, "adapter_model.safetensors"), tensors)
+    write_json(os.path.join(directory, "adapter_config.json"), config)
 
 
 def _number(value) -> bool:
@@ -116,13 +108,7 @@ def _read_config(directory: str):
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not 'LORA'")
     on = {k: cfg.get(k) for k in NOT_PLAIN_LORA}
@@ -163,11 +149,7 @@ def _read_pairs(directory: str, targets=None, excluded=None):
                                     "writes safetensors by default)")
         raise FileNotFoundError(f"no adapter_model.safetensors in {directory}")
     pairs = {}
-    try:
-        f = safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    with f:
+    with open_safetensors(path) as f:
         for key in f.keys():
             m = _PEFT_KEY.match(key)  # also `lora_A.default.weight`, as in a raw PeftModel state_dict
             if m is None:

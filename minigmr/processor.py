@@ -19,7 +19,6 @@ Everything here mirrors transformers 5.23 (`Qwen2VLImageProcessorPil`, the slow/
 `Qwen2_5_VLProcessor` with the official chat template) bit for bit; tests/test_processor.py checks that.
 """
 
-import json
 import math
 import os
 
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
+
+from .files import read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -120,13 +121,9 @@ class ImageProcessor:
         file = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no preprocessor_config.json at {path!r}")
-        try:
-            with open(file, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{file}: invalid JSON: {e}") from None
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("size") or {}, dict):
-            raise ValueError(f"{file}: expected a JSON object (with 'size' an object), got {cfg!r:.80}")
+        cfg = read_json_object(file)
+        if not isinstance(cfg.get("size") or {}, dict):
+            raise ValueError(f"{file}: expected a JSON object for 'size', got {cfg['size']!r:.80}")
         size = cfg.get("size") or {}
         lo = cfg.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
         hi = cfg.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))

@@ -12,10 +12,9 @@ maths with much less work:
   4. head: only that hidden state is projected, onto the "yes" and "no" rows of the LM head, in fp32.
 
 Host-side work (tokens, padding, positions, image slots) is done before the loop, which never waits on the device.
-Weights are bf16 on a GPU and fp32 on a CPU; scores always fp32. A "group" is one query with its documents;
+Weights are bf16 on a GPU and on a CPU with fast bf16 (hardware.py), else fp32; scores always fp32. A "group" is one query with its documents;
 `group_logits` is the same computation with autograd for training, many groups at once.
 """
-import json
 import os
 from dataclasses import dataclass, replace
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
+from .files import read_json
 from .hardware import default_dtype
 from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
@@ -286,11 +286,7 @@ def checkpoint_score(path: str) -> str:
     file = os.path.join(path, SCORE_FILE)
     if not os.path.exists(file):
         return "sft"
-    with open(file) as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    record = read_json(file)
     score = record.get("score") if isinstance(record, dict) else None
     if score not in ("sft", "cl"):
         raise ValueError(f"{file}: 'score' must be 'sft' or 'cl', got {score!r}")

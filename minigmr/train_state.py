@@ -27,9 +27,9 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
+from .files import open_safetensors, read_json_object, write_json, write_safetensors
 from .lora import remove_lora
 from .peft_io import load_adapter, save_adapter
 from .scoring import SCORE_FILE
@@ -61,23 +61,8 @@ def changed_settings(saved: dict, now: dict) -> dict:
     return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUME_FREE and now.get(k) != v}
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}){_looks_pickled(path)}") from None
-
-
-def _open_safetensors(path: str):
-    try:
-        return safe_open(path, "pt")
-    except (SafetensorError, OSError) as e:  # truncated, foreign, or a pickle under a .safetensors name
-        raise ValueError(f"{path}: not a readable safetensors file ({e}){_looks_pickled(path)}") from None
-
-
 def _looks_pickled(path: str) -> str:
-    """A note for an error message when the file starts like a pickle (protocol >= 2) or a torch.save zip."""
+    """A hint for an error message when the file starts like a pickle (protocol >= 2) or a torch.save zip."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -119,7 +104,7 @@ def all_rng_states(device) -> list[bytes]:
 def set_rng_state(checkpoint: str, rank: int) -> None:
     """Restore process `rank`'s RNG states from the checkpoint's rng-NNNNN.safetensors."""
     path = os.path.join(checkpoint, f"rng-{rank:05d}.safetensors")
-    with _open_safetensors(path) as f:
+    with open_safetensors(path, _looks_pickled(path)) as f:
         try:
             meta = f.metadata() or {}
             version, internal, gauss_next = json.loads(meta["python"])
@@ -184,21 +169,19 @@ def _save_optimizer(optimizer, folder: str) -> None:
                 tensors[f"{i}.{key}"] = value.detach().cpu().contiguous()
             else:
                 other.setdefault(str(i), {})[key] = value
-    save_file(tensors, os.path.join(folder, "optimizer.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "optimizer.json"), "w") as f:
-        json.dump({"param_groups": sd["param_groups"], "state": other}, f, indent=1, allow_nan=False)
+    write_safetensors(os.path.join(folder, "optimizer.safetensors"), tensors)
+    write_json(os.path.join(folder, "optimizer.json"), {"param_groups": sd["param_groups"], "state": other})
 
 
 def _load_optimizer(optimizer, folder: str) -> None:
     path = os.path.join(folder, "optimizer.json")
-    saved = _read_json(path)
-    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or \
-            not isinstance(saved.get("state"), dict):
+    saved = read_json_object(path, _looks_pickled(path))
+    if not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), dict):
         raise ValueError(f"{path}: expected an object with 'param_groups' (a list) and 'state' (an object)")
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's index order
     state = {}
     tensor_path = os.path.join(folder, "optimizer.safetensors")
-    with _open_safetensors(tensor_path) as f:
+    with open_safetensors(tensor_path, _looks_pickled(tensor_path)) as f:
         for key in f.keys():
             i, _, name = key.partition(".")
             if not i.isdigit() or int(i) >= len(params) or not name:
@@ -232,13 +215,12 @@ def save_checkpoint(out: str, step: int, model, optimizer, lora_ids: set, args: 
         save_adapter(model, os.path.join(tmp, "adapter"), extra_config={"base_model_name_or_path": args["model"]})
     extra = {k: param.detach().float().cpu().contiguous() for k, param in _extra_weights(model, lora_ids).items()}
     if extra:
-        save_file(extra, os.path.join(tmp, "trainable.safetensors"), metadata={"format": "pt"})
+        write_safetensors(os.path.join(tmp, "trainable.safetensors"), extra)
     _save_optimizer(optimizer, tmp)
     for rank, state in enumerate(rng_states):
         with open(os.path.join(tmp, f"rng-{rank:05d}.safetensors"), "wb") as f:
             f.write(state)
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "args": args}, f, indent=2, allow_nan=False)
+    write_json(os.path.join(tmp, "state.json"), {"step": step, "args": args})
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (a run resumed after a test-hook stop)
     os.replace(tmp, final)
     for old in checkpoints(out):
@@ -260,8 +242,8 @@ def read_state(path: str) -> dict:
     for name in ("state.json", "optimizer.json", "optimizer.safetensors"):
         if not os.path.isfile(os.path.join(path, name)):
             raise ValueError(f"{os.path.join(path, name)}: missing; not a complete minigmr checkpoint")
-    state = _read_json(file)
-    if not isinstance(state, dict) or type(state.get("step")) is not int or not isinstance(state.get("args"), dict):
+    state = read_json_object(file, _looks_pickled(file))
+    if type(state.get("step")) is not int or not isinstance(state.get("args"), dict):
         raise ValueError(f"{file}: expected an object with an integer 'step' and an object 'args'")
     folder = os.path.basename(os.path.normpath(path))
     if f"step-{state['step']:06d}" != folder:
@@ -285,7 +267,7 @@ def load_checkpoint(path: str, model, optimizer, lora_ids: set) -> None:
         file = os.path.join(path, "trainable.safetensors")
         if not os.path.isfile(file):
             raise ValueError(f"{file}: missing, but this run trains {len(want)} non-LoRA weights")
-        with _open_safetensors(file) as f:
+        with open_safetensors(file, _looks_pickled(file)) as f:
             if set(f.keys()) != set(want):
                 raise ValueError(f"{file} does not hold this run's trainable weights; "
                                  f"differing names: {sorted(set(f.keys()) ^ set(want))[:5]}")
@@ -317,9 +299,7 @@ def export_merged(model, out: str, model_dir: str, score: str = "sft") -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     remove_lora(model)  # W <- W + scaling * B A; plain nn.Linear again, so the official key names apply
     model.save_pretrained(tmp, dtype=dtype)
-    with open(os.path.join(tmp, SCORE_FILE), "w") as f:
-        json.dump({"score": score}, f)
-        f.write("\n")
+    write_json(os.path.join(tmp, SCORE_FILE), {"score": score})
     for name in PROCESSOR_FILES:
         if os.path.exists(os.path.join(model_dir, name)):
             shutil.copy(os.path.join(model_dir, name), os.path.join(tmp, name))

@@ -11,14 +11,13 @@ Loading is lazy and loud: `load_into` fills a model built on the meta device (no
 cast and assigned, one copy of the weights at a time. Every checkpoint key must be consumed and every parameter
 filled, otherwise a ValueError names the keys and file. This module never imports the model: model.py imports it.
 """
-import json
 import os
 import re
 from dataclasses import replace
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .files import open_safetensors, read_json, write_json, write_safetensors
 
 # checkpoint name (official layout; {} = block/layer number) -> minigmr name
 WEIGHT_MAP = {
@@ -82,25 +81,16 @@ def to_hf(our_name: str) -> str:
     return _lookup(our_name, _REVERSE)
 
 
-def _open(path: str):
-    try:
-        return safe_open(path, framework="pt")
-    except (SafetensorError, OSError) as e:  # truncated, empty, not safetensors at all; unreadable
-        raise ValueError(f"{path}: cannot read as safetensors ({type(e).__name__}: {e}); "
-                         "the file may be truncated or not a safetensors file") from None
-
-
 def checkpoint_files(path: str) -> list:
     """The safetensors files of a checkpoint directory: `model.safetensors`, or the shards of
     `model.safetensors.index.json` (every shard must exist)."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        weight_map = read_json(index)
+        if not isinstance(weight_map, dict) or "weight_map" not in weight_map:
+            raise ValueError(f"{index}: not a valid safetensors index (a JSON object with a 'weight_map')")
+        weight_map = weight_map["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
@@ -123,7 +113,7 @@ def load_into(model: torch.nn.Module, path: str, dtype=torch.float32, device="cp
     filled, unexpected, mismatched = set(), [], []
     extra_head = None  # a tied checkpoint may still store lm_head.weight: accepted only if equal to the embedding
     for file in checkpoint_files(path):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 try:
                     ours = to_ours(key)
@@ -174,7 +164,7 @@ def save_checkpoint(model, path: str, dtype=None, max_shard_bytes=None) -> None:
     stored = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     replace(model.config, dtype=stored).save(path)  # config.json records the dtype on disk; the model's is untouched
     if not max_shard_bytes:
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(os.path.join(path, "model.safetensors"), tensors)
         return
     shards, current, size = [], {}, 0
     for k, t in tensors.items():
@@ -188,8 +178,8 @@ def save_checkpoint(model, path: str, dtype=None, max_shard_bytes=None) -> None:
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        write_safetensors(os.path.join(path, name), shard)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(path, "model.safetensors.index.json"), {"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map})

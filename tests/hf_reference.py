@@ -1,6 +1,7 @@
 """Tiny random transformers Qwen2.5-VL references (docs/qwen25vl.md Appendix B.1), saved with `save_pretrained` so
 the files carry the official on-disk key names. Test-only: transformers is an oracle, never a minigmr dependency.
-`hf_config_of` maps any minigmr Config to transformers' (the top-level bench.py builds its checkpoint with it)."""
+`hf_config_of` maps any minigmr Config to transformers'; the top-level bench.py builds its checkpoint and adapter
+and runs transformers with the helpers here."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,8 +31,8 @@ def tiny_hf_config(tie=False, vision_depth=2, fullatt=(1,), text_layers=2, windo
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
 
 
-def hf_config_of(cfg, special: dict):
-    """transformers' `Qwen2_5_VLConfig` of a minigmr `Config`; `special` maps special-token strings to their ids."""
+def hf_config_of(cfg, token_id):
+    """transformers' `Qwen2_5_VLConfig` of a minigmr `Config`; `token_id(s)` is a special token's id."""
     from transformers import Qwen2_5_VLConfig
     t, v = cfg.text, cfg.vision
     return Qwen2_5_VLConfig(
@@ -41,16 +42,16 @@ def hf_config_of(cfg, special: dict):
                          rms_norm_eps=t.rms_norm_eps,
                          rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
                                           "mrope_section": list(t.mrope_section)},
-                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
-                         pad_token_id=special["<|endoftext|>"], use_sliding_window=False,
+                         bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+                         pad_token_id=token_id("<|endoftext|>"), use_sliding_window=False,
                          max_window_layers=t.num_hidden_layers, tie_word_embeddings=t.tie_word_embeddings),
         vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, out_hidden_size=v.out_hidden_size,
                            num_heads=v.num_heads, intermediate_size=v.intermediate_size, patch_size=v.patch_size,
                            spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
                            window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
                            in_channels=v.in_channels, hidden_act="silu", tokens_per_second=v.tokens_per_second),
-        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=t.tie_word_embeddings)
 
 
@@ -63,18 +64,52 @@ def randomize_norms_and_biases(model):
     return model
 
 
-def tiny_hf_model(seed=0, **kw):
+def random_hf_model(config, seed=0):
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
-    return randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(tiny_hf_config(**kw)).eval())
+    return randomize_norms_and_biases(Qwen2_5_VLForConditionalGeneration(config).eval())
 
 
-def save_tiny_hf(path, seed=0, dtype=None, **kw):
-    model = tiny_hf_model(seed, **kw)
+def tiny_hf_model(seed=0, **kw):
+    return random_hf_model(tiny_hf_config(**kw), seed)
+
+
+def save_random_hf(path, config, seed=0, dtype=None):
+    model = random_hf_model(config, seed)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
     return model
+
+
+def save_tiny_hf(path, seed=0, dtype=None, **kw):
+    return save_random_hf(path, tiny_hf_config(**kw), seed, dtype)
+
+
+def save_random_peft_adapter(model_dir, out_dir, rank, alpha, seed=0):
+    """A peft LoRA adapter on every text-decoder projection of the transformers model in `model_dir`: random A (peft's
+    init) and a small random B, so that it changes the scores from the first step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    targets = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    torch.manual_seed(seed)
+    model = get_peft_model(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    model.save_pretrained(out_dir)
+
+
+def hf_gmr_logits(model, hf_processor, chats, yes_no):
+    """transformers' [z_yes, z_no] (B, 2) fp32 at the last position of each chat, as a careful user computes them:
+    its processor and the official chat template, left padding, logits_to_keep=1, no cache."""
+    texts = [hf_processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    images = [it["image"] for c in chats for m in c if isinstance(m["content"], list)
+              for it in m["content"] if it["type"] == "image"]
+    enc = hf_processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+    enc = {k: v.to(model.device) for k, v in enc.items()}  # incl. mm_token_type_ids, needed for M-RoPE
+    return model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1, yes_no].float()
 
 
 def hf_logits(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):

@@ -100,7 +100,7 @@ def test_tokenizer_json_that_is_not_a_tokenizer(copy, content):
 @pytest.mark.parametrize("content,message", [
     ("[1]", "expected a JSON object"),
     ('{"size": [1, 2]}', "expected a JSON object"),
-    ("{", "invalid JSON"),
+    ("{", "not valid JSON"),
 ])
 def test_preprocessor_config_errors_name_the_file(copy, content, message):
     (copy / "preprocessor_config.json").write_text(content)

@@ -131,7 +131,7 @@ def test_a_planted_pickle_is_refused_and_never_runs(world, checkpoint, tmp_path,
     plant(path / name, marker)
     with pytest.raises(ValueError) as e:
         resume(world, str(path))
-    assert str(e.value).startswith(f"{path / name}: ") and says in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"{path / name}:") and says in str(e.value), str(e.value)  # path: or path:line:
     assert not marker.exists()
 
 
