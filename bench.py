@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from minigmr.config import Config
+from minigmr.hardware import default_dtype
 from minigmr.losses import sft_loss, sft_score
 from minigmr.lora import lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
@@ -138,7 +139,8 @@ def minigmr_side(args, ckpt: str, train: bool):
         return sft_step(lambda groups: group_logits(model, processor, groups), lora_parameters(model))
     reranker = Reranker(model, processor, batch_size=args.batch_size)
     if args.compile:
-        model.text, model.vision = torch.compile(model.text, dynamic=True), torch.compile(model.vision, dynamic=True)
+        for block in (*model.text.layers, *model.vision.blocks):  # the fused loop calls layers, not text.forward
+            block.compile(dynamic=True)
     return lambda query, docs: sft_score(reranker.logits(query, docs))
 
 
@@ -253,6 +255,10 @@ def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
             mem.setdefault(impl, mb)
     print(name, {impl: [round(t, 2) for t in ts] for impl, ts in times.items()}, "s", file=sys.stderr)  # progress
     scores = first if train else scores  # training: the warm-up is the step taken from identical weights
+    vs_fp32 = None
+    if not train and args.dtype != torch.float32:  # the cost of the low precision: the same scores in fp32
+        fp32 = minigmr_side(argparse.Namespace(**{**vars(args), "dtype": torch.float32, "compile": False}), ckpt, False)
+        vs_fp32 = agreement(scores["minigmr"], fp32(w["query"], w["docs"]))
     del sides
     gc.collect()
     n, flops, mg, tf = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w), *times.values()
@@ -262,7 +268,20 @@ def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
                 speedup=statistics.median(h / m for m, h in zip(mg, tf)),
                 max_abs_score_diff=float((scores["minigmr"].float() - scores["transformers"].float()).abs().max()),
                 minimal_flops=flops, achieved_flops_per_s=flops / statistics.median(mg), matmul_peak_flops_per_s=peaks,
-                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(mg, peaks)))
+                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(mg, peaks)), minigmr_vs_fp32=vs_fp32)
+
+
+def agreement(scores, reference, k: int = 10) -> dict:
+    """How far low-precision scores are from the fp32 ones: max |dp|, Kendall tau-b of the two orders (ties
+    counted as ties, as bf16's coarse p(yes) makes them), and the overlap of the top k."""
+    a, b = scores.double().cpu().numpy(), reference.double().cpu().numpy()
+    da, db = np.sign(a[:, None] - a[None]), np.sign(b[:, None] - b[None])  # (n, n) pairwise orders
+    iu = np.triu_indices(len(a), 1)
+    da, db = da[iu], db[iu]
+    tau = (da * db).sum() / max(np.sqrt((da != 0).sum() * (db != 0).sum()), 1)
+    top = lambda x: set(np.argsort(-x, kind="stable")[:k].tolist())
+    return dict(max_abs_diff=float(np.abs(a - b).max()), kendall_tau=float(tau),
+                top_k_overlap=len(top(a) & top(b)) / min(k, len(a)))
 
 
 def format_table(res: dict) -> str:
@@ -277,7 +296,9 @@ def format_table(res: dict) -> str:
         lines.append(f"{name:3} {r['what']:46} {r['unit'] + '/s':>7} {mg['rate']:8.3f} {tf['rate']:8.3f} "
                      f"{r['speedup']:5.2f}x {mem(mg['peak_mem_mb']):>6} {mem(tf['peak_mem_mb']):>6} "
                      f"{r['max_abs_score_diff']:7.1e} {r['minimal_flops'] / 1e9:6.1f} "
-                     f"{r['achieved_flops_per_s'] / 1e9:7.1f} {100 * r['fraction_of_peak']:4.0f}%")
+                     f"{r['achieved_flops_per_s'] / 1e9:7.1f} {100 * r['fraction_of_peak']:4.0f}%"
+                     + (f"  vs fp32: max|dp| {v['max_abs_diff']:.1e} tau {v['kendall_tau']:.3f} top10 "
+                        f"{v['top_k_overlap']:.2f}" if (v := r.get("minigmr_vs_fp32")) else ""))
     lines.append("rates: median over repetitions; ratio: median of per-repetition transformers/minigmr times; mem: "
                  f"peak MB above the memory held before the first timed call ({res['memory_method']}); %peak: median "
                  "of achieved / matmul peak measured just before")
@@ -289,7 +310,9 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="small", choices=["tiny", "small", "3b", "7b"],
                    help="model shape: small (3B-proportioned, CPU-sized), tiny (smoke test), 3b / 7b (GPU)")
-    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="both sides' weights and activations; auto: minigmr's default for the device (hardware.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile minigmr's decoder and vision tower (W1-W3)")
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, help="a subset of them")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after a warm-up")
@@ -307,7 +330,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.image_side = args.image_side or (56 if args.config == "tiny" else 224 if args.quick else 448)
     cuda, cfg, load = args.device.startswith("cuda"), model_config(args.config), os.getloadavg()[0]
-    args.dtype = torch.bfloat16 if cuda else torch.float32
+    args.dtype = default_dtype(torch.device(args.device)) if args.dtype == "auto" else getattr(torch, args.dtype)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="minigmr_bench_") as tmp:
         ckpt = os.path.join(args.workdir or tmp, "checkpoint")

@@ -12,7 +12,7 @@ maths with much less work:
   4. head: only that hidden state is projected, onto the "yes" and "no" rows of the LM head, in fp32.
 
 Host-side work (tokens, padding, positions, image slots) is done before the loop, which never waits on the device.
-Weights are bf16 on a GPU and fp32 on a CPU; scores always fp32. A "group" is one query with its documents;
+Weights are bf16 on a GPU and on a CPU with fast bf16 (hardware.py), else fp32; scores always fp32. A "group" is one query with its documents;
 `group_logits` is the same computation with autograd for training, many groups at once.
 """
 import os
@@ -23,6 +23,7 @@ import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
 from .files import read_json
+from .hardware import default_dtype
 from .hub import resolve
 from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
@@ -38,7 +39,7 @@ def default_device_dtype(device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torch names a bad one
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype or default_dtype(device)  # bf16 on CUDA and on CPUs with fast bf16, else fp32
 
 
 # ----------------------------------------------------------------------------- host-side preparation

@@ -1,0 +1,76 @@
+"""The two defaults minigmr takes from the machine, each overridable: the dtype (bf16 where the CPU multiplies it fast)
+and the CPU thread count (the idle cores, not all cores). Both read the kernel, never guess from a vendor name."""
+
+import os
+import time
+
+import torch
+
+# Instruction-set flags (Linux /proc/cpuinfo, as `lscpu` prints them) that make bf16 matmuls faster than fp32 on a CPU:
+# AMX tiles (Sapphire Rapids and later) and AVX512-BF16 (Cooper Lake, Zen 4). Without them oneDNN emulates bf16.
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set:
+    """The first processor's flags; an empty set where the file does not exist (not Linux) or has no flags line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86 / ARM spelling
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16_cpu(flags: set | None = None) -> bool:
+    return any(flag in (cpu_flags() if flags is None else flags) for flag in FAST_BF16_FLAGS)
+
+
+def default_dtype(device: torch.device, flags: set | None = None) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with fast bf16, fp32 elsewhere (a bf16 matmul emulated in fp32 is slower than fp32)."""
+    if device.type == "cuda" or (device.type == "cpu" and fast_bf16_cpu(flags)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def usable_cores() -> int:
+    """This process's share of the cores it may run on: torchrun's LOCAL_WORLD_SIZE processes split them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def busy_cores(window: float = 0.25, stat: str = "/proc/stat") -> float | None:
+    """How many cores other processes kept busy over `window` seconds (Linux proc(5) `cpu` line); None off Linux."""
+    def read():
+        with open(stat) as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total jiffies, idle + iowait
+
+    try:
+        (t0, i0), _ = read(), time.sleep(window)
+        t1, i1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def choose_threads(requested: int | None = None, busy: float | None = None) -> int:
+    """`requested` if given; else the OMP_NUM_THREADS the user set; else the cores not busy with other work (at least 1).
+    Why: torch's OpenMP threads spin at every barrier, so one thread per core that another process also uses makes a
+    small model many times slower instead of twice; taking only idle cores keeps a loaded machine's slowdown graceful."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
+        return int(os.environ["OMP_NUM_THREADS"])
+    busy = busy_cores() if busy is None else busy
+    return usable_cores() if busy is None else max(1, min(usable_cores(), round(usable_cores() - busy)))
+
+
+def set_threads(requested: int | None = None) -> int:
+    """Apply choose_threads to torch (CPU work only; a no-op for what runs on CUDA) and return the count."""
+    n = choose_threads(requested)
+    torch.set_num_threads(n)
+    return n

@@ -1,0 +1,43 @@
+"""minigmr.hardware: the dtype and thread defaults follow the kernel's flags and load, and explicit choices win."""
+import pytest
+import torch
+
+from minigmr import hardware
+
+
+def test_cpu_flags_parses_the_first_processor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert hardware.cpu_flags(str(info)) == {"fpu", "sse2", "avx512f", "amx_bf16"}
+    assert hardware.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.parametrize("flags, fast", [({"avx2", "avx512f"}, False), ({"avx512f", "avx512_bf16"}, True),
+                                         ({"amx_tile", "amx_bf16"}, True), (set(), False)])
+def test_default_dtype_from_flags(flags, fast):
+    assert hardware.fast_bf16_cpu(flags) is fast
+    assert hardware.default_dtype(torch.device("cpu"), flags) == (torch.bfloat16 if fast else torch.float32)
+    assert hardware.default_dtype(torch.device("cuda"), flags) == torch.bfloat16  # whatever the host CPU
+
+
+def test_choose_threads_takes_the_idle_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    assert hardware.choose_threads(busy=0.0) == 2
+    assert hardware.choose_threads(busy=0.9) == 1    # another process on one core: do not share it
+    assert hardware.choose_threads(busy=2.0) == 1    # never fewer than one
+    assert hardware.choose_threads(3, busy=2.0) == 3  # an explicit count wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert hardware.choose_threads(busy=2.0) == 2    # so does the user's environment
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        hardware.choose_threads(0)
+
+
+def test_busy_cores_reads_the_stat_delta(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait ...: 400 jiffies pass, 200 of them idle on a 2-core machine -> 1 core busy
+    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: stat.write_text("cpu  300 0 100 1000 0 0 0 0 0 0\n"))
+    assert hardware.busy_cores(stat=str(stat)) == pytest.approx(1.0)
+    assert hardware.busy_cores(stat=str(tmp_path / "missing")) is None
