@@ -27,9 +27,13 @@ Batching is the scorer's (scoring.py): each distinct image goes through the visi
 length-sorted into token-capped batches, left-padded, and the system turn every prompt of one instruction shares
 is encoded once (its keys/values reused). `item_states` keeps autograd for training; `Embedder.embed` is inference.
 """
+import json
+import os
+import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import merge_lora
@@ -37,7 +41,7 @@ from .model import Qwen25VL
 from .peft_io import load_adapter
 from .processor import DEFAULT_SYSTEM_PROMPT, Processor
 from .prompt import Item, check_positive, checked_instruction, checked_item
-from .scoring import (ImageBank, default_device_dtype, embed, last_token_states, length_batches, pad_batch,
+from .scoring import (SCORE_FILE, ImageBank, default_device_dtype, embed, last_token_states, length_batches, pad_batch,
                       prefix_cache)
 
 SUMMARY = {"text": "sentence", "image": "image", "both": "image and sentence"}  # E5-V: what "above" is
@@ -100,9 +104,10 @@ def tokenize_items(processor: Processor, items, instructions, what: str = "item"
 
 def item_states(model: Qwen25VL, processor: Processor, items, instructions, padding_side: str = "left",
                 batch_size: int | None = None, max_batch_tokens: int | None = None, max_length: int | None = None,
-                pad_multiple: int = 1, image_batch_patches: int = 16384, what: str = "item") -> torch.Tensor:
+                pad_multiple: int = 1, image_batch_patches: int = 16384, what: str = "item", return_lengths=False):
     """Final hidden states (n, D) at the last position of each item's prompt, in the model's dtype, with autograd
-    when it is enabled (training). instructions: one per item (None: the default system prompt)."""
+    when it is enabled (training). instructions: one per item (None: the default system prompt).
+    return_lengths: also return the n prompt lengths (list of int), e.g. for a tokens/s log."""
     bank, groups = tokenize_items(processor, items, instructions, what)
     for g in groups:
         for k, rest in enumerate(g.rests):
@@ -129,7 +134,14 @@ def item_states(model: Qwen25VL, processor: Processor, items, instructions, padd
                 h = h[torch.arange(len(h), device=device), batch.last]
             hs.append(h)
             order += [g.index[i] for i in b]
-    return torch.cat(hs)[torch.tensor(order).argsort().to(device)]  # (n, D) back in input order
+    h = torch.cat(hs)[torch.tensor(order).argsort().to(device)]  # (n, D) back in input order
+    if not return_lengths:
+        return h
+    lengths = [0] * len(order)
+    for g in groups:
+        for k, rest in zip(g.index, g.rests):
+            lengths[k] = len(g.prefix) + len(rest)
+    return h, lengths
 
 
 def normalized(h: torch.Tensor) -> torch.Tensor:
@@ -175,6 +187,75 @@ class Embedder:
                         batch_size or self.batch_size, None, self.max_length, self.pad_multiple,
                         self.image_batch_patches)
         return normalized(h).cpu()
+
+
+# ----------------------------------------------------------------------------- training (train.py --objective embed)
+def mark_embedder(folder: str) -> None:
+    """Mark a merged export (train_state.export_merged) as an embedder: EMBEDDER_FILE instead of the reranker's
+    score file, so that it is not read as a reranker by mistake."""
+    if os.path.exists(os.path.join(folder, SCORE_FILE)):
+        os.remove(os.path.join(folder, SCORE_FILE))
+    with open(os.path.join(folder, EMBEDDER_FILE), "w") as f:
+        json.dump({"embedding": "last-token state of the one-word prompt (minigmr/embedding.py)"}, f)
+        f.write("\n")
+
+
+def description_batch(processor: Processor, convs) -> tuple:
+    """Right-padded batch of (embedding prompt -> assistant answer) chats and its labels (B, S-1): the next token
+    at every answer position (the answer and its <|im_end|>), -100 elsewhere, as pretrain.caption_batch."""
+    batch = processor.apply_chat(convs, add_generation_prompt=False, padding_side="right")
+    ids, mask, assistant = batch["input_ids"], batch["attention_mask"], processor.token_id("assistant")
+    labels = torch.full_like(ids[:, 1:], -100)  # (B, S-1): labels[:, t] is the token after position t
+    for b in range(ids.shape[0]):
+        start, end = int((ids[b] == assistant).nonzero()[-1]) + 1, int(mask[b].sum()) - 1
+        labels[b, start:end - 1] = ids[b, start + 1:end]
+    return batch, labels
+
+
+class GroupEmbedder(nn.Module):
+    """What train.py wraps in DDP for --objective embed (DDP syncs only through forward): TrainGroups ->
+    (q (G, D), d (G*(1+N), D) unit fp32 vectors, positive (G,) index of each query's positive in d, exclude (G,
+    G*(1+N)) True where d_j is one of query i's record's positives but not its own, (answer logits (n, V), labels
+    (n,)) of the records' descriptions or None), and the prompt lengths. Queries carry their record's instruction."""
+
+    def __init__(self, model: Qwen25VL, processor: Processor, max_length: int | None = None, descriptions=True,
+                 trained_vision=()):
+        super().__init__()
+        self.model, self.processor, self.max_length, self.descriptions = model, processor, max_length, descriptions
+        self.trained_vision = list(trained_vision)
+
+    def forward(self, groups):
+        G, docs = len(groups), [d for g in groups for d in (g.positive, *g.negatives)]
+        items = [g.record.query.as_input() for g in groups] + [d.as_input() for d in docs]
+        owner = list(range(G)) + [i for i, g in enumerate(groups) for _ in range(1 + len(g.negatives))]
+        try:
+            h, lengths = item_states(self.model, self.processor, items, [g.record.instruction for g in groups] +
+                                     [None] * len(docs), max_length=self.max_length, return_lengths=True)
+        except ValueError as e:  # "item k: ...": name the record and the role instead
+            m = re.match(r"item (\d+): (.*)", str(e), re.S)
+            if not m:
+                raise
+            k = int(m.group(1))
+            raise ValueError(f"record {groups[owner[k]].record.id!r}: {'query' if k < G else 'document'}: "
+                             f"{m.group(2)}") from None
+        e = normalized(h)
+        if self.trained_vision and not any("image" in x for x in items):
+            # text only: tie the trained vision weights in with weight 0 (every trained weight in every graph, DDP)
+            e = e + 0.0 * sum(param.sum() for param in self.trained_vision)
+        positive = torch.tensor([sum(1 + len(g.negatives) for g in groups[:i]) for i in range(G)])
+        keys = [(d.text, d.image) for d in docs]
+        exclude = torch.tensor([[k in {(p.text, p.image) for p in g.record.positives} for k in keys] for g in groups])
+        lm, described = None, [g.record for g in groups if g.record.description] if self.descriptions else []
+        if described:
+            convs = [embed_messages(r.positives[0]) + [{"role": "assistant", "content": r.description}]
+                     for r in described]
+            batch, labels = description_batch(self.processor, convs)
+            dev, pv, grid = e.device, batch["pixel_values"], batch["image_grid_thw"]
+            hd, _ = self.model.hidden_states(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                             None if pv is None else pv.to(dev), None if grid is None else grid.to(dev))
+            keep = (labels != -100).to(dev)  # (B, S-1): only the answer positions reach the head
+            lm = (hd[:, :-1][keep] @ self.model.head_weight.T, labels[labels != -100].to(dev))  # (n, V), (n,)
+        return (e[:G], e[G:], positive.to(e.device), exclude.to(e.device), lm), lengths
 
 
 def search(queries: torch.Tensor, corpus: torch.Tensor, doc_ids: list, k: int, chunk: int = 4096) -> list:
