@@ -181,9 +181,9 @@ class Embedder:
         """(n, D) fp32 unit vectors on the CPU, one per item (str, path, PIL image or {"text", "image"} dict).
         instruction: the task instruction for queries; None (documents): the default system prompt."""
         check_positive("batch_size", batch_size, none_ok=True)
-        items = list(items) if isinstance(items, (list, tuple)) else items
-        n = len(items) if isinstance(items, list) else 0
-        h = item_states(self.model, self.processor, items, [instruction] * n, self.padding_side,
+        if not isinstance(items, (list, tuple)):  # a bare str or dict is one item, not a list of them
+            raise TypeError(f"items must be a list of queries/documents, got {type(items).__name__}")
+        h = item_states(self.model, self.processor, items, [instruction] * len(items), self.padding_side,
                         batch_size or self.batch_size, None, self.max_length, self.pad_multiple,
                         self.image_batch_patches)
         return normalized(h).cpu()
