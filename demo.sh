@@ -29,7 +29,8 @@ python eval.py "${FIRST[@]}" --json "$OUT/untrained.json" > "$OUT/untrained.txt"
 grep "^Verdict" "$OUT/untrained.txt"
 
 step "3/4 train the reranker with SFT (runs/demo/sft)"
-python train.py --objective sft --out "$OUT/sft"
+# fewer steps than train.py's default, so that the whole demo fits its time budget (README, Quickstart)
+python train.py --objective sft --steps 1400 --out "$OUT/sft"
 
 step "4/4 the trained reranker on the same candidates; baseline = the untrained reranker"
 python eval.py "${FIRST[@]}" --model "$OUT/sft/merged" --json "$OUT/trained.json" --baseline "$OUT/untrained.json"

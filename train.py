@@ -1,6 +1,7 @@
 """
 Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit the query?") with SFT,
-InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6). One file, read top to bottom, nanoGPT style.
+InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6), or with --objective embed the first-stage embedder
+of minigmr/embedding.py (VladVA, docs/gmr.md §8). One file, read top to bottom, nanoGPT style.
 
 To run on one process (CPU, or one GPU), e.g. the tiny synthetic demo (the synthetic data, with its caption-
 pretrained checkpoint, is generated into data/synth on first use):
@@ -346,7 +347,7 @@ for step in bar:
             if INJECT_NAN_AT_STEP == step:
                 loss = loss * float("nan")
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean
-        # the SFT loss is logged for every objective: the one value they are all comparable on
+        # the SFT loss is logged for every reranking objective, the one value they are all comparable on (embed: its loss)
         sft = loss.item() if args.objective == "embed" else losses.sft_loss(z.detach()).item()
         totals.update({"loss": loss.item(), "sft_loss": sft, **losses.weight_stats(w),
                        "tokens": sum(lengths)})

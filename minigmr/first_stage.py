@@ -87,3 +87,4 @@ def write_first_stage(embedder: Embedder, dataset_dir: str, k: int, tag: str = "
     os.replace(os.path.join(dataset_dir, "run.trec"), os.path.join(dataset_dir, "run.attributes.trec"))
     write_run(os.path.join(dataset_dir, "run.trec"), run, tag)
     return run
+
