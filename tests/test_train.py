@@ -5,6 +5,7 @@
   - a NaN loss stops training with a clear message and leaves the last good checkpoint untouched
   - each objective lowers its loss on one fixed batch (overfit check); DPO starts at exactly (1+N) log 2
   - the merged export loads (minigmr and transformers) and scores like the model with its adapter applied
+  - --objective embed fits one batch, exports an embedder, and runs on the same DDP / exact-resume machinery
   - a prompt longer than --max-length is an error naming the record (never a silent truncation)
   - bad flags (out of range, nan / inf, not read by the chosen objective or --train mode), a checkpoint that does
     not fit and a log torn by a crash are named before any work; a step that makes weights non-finite saves nothing
@@ -227,6 +228,27 @@ def test_embed_objective_fits_one_batch_and_exports_an_embedder(world, tmp_path)
           "--grad-accum", "1", "--steps", 1, "--lm-weight", "1", "--cl-weight", "0")
     # contrastive weight 0: the loss is the next-token loss alone, near log(vocabulary) for the random model
     assert 0.5 * math.log(600) < log(with_lm)[0]["loss"] < 2 * math.log(600)
+
+
+def test_embed_under_torchrun_and_resume(world, tmp_path):
+    """--objective embed runs on the same machinery: 2 processes == 1 process with the same micro-batches (the
+    in-batch negatives are each micro-batch's), and stop after step 2 + --resume == the uninterrupted run."""
+    common = ["--objective", "embed", "--train", "lora", "--micro-batch", "2", "--steps", "3", "--save-every", "1",
+              "--lm-weight", "0.5"]
+    train(world, tmp_path / "ddp", *common, "--grad-accum", "1", nproc=2)
+    train(world, tmp_path / "one", *common, "--grad-accum", "2")
+    train(world, tmp_path / "split", *common, "--grad-accum", "2", hooks={"MINIGMR_TEST_STOP_AFTER_STEP": 2})
+    train(world, tmp_path / "split", *common, "--grad-accum", "2", "--resume")
+    ddp, one, split = log(tmp_path / "ddp"), log(tmp_path / "one"), log(tmp_path / "split")
+    assert [x["step"] for x in ddp] == [x["step"] for x in one] == [1, 2, 3]
+    for a, b, c in zip(ddp, one, split):
+        for key in ("loss", "w_pos", "w_neg", "lr", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+            assert c[key] == b[key], (c["step"], key)  # resumed: bit for bit
+    last = lambda run: weights(tmp_path / run / "step-000003")
+    for k, w in last("one").items():
+        torch.testing.assert_close(last("ddp")[k], w, rtol=0, atol=1e-5, msg=k)
+        assert torch.equal(last("split")[k], w), k
 
 
 # ------------------------------------------------------------------------------------------------ merged export
