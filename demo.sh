@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The minigmr demo on a fresh machine: install, train the tiny reranker with SFT on the built-in synthetic data
-# (generated into data/synth on first use, with its caption-pretrained tiny checkpoint), and print its evaluation
-# table next to the untrained model's. Run outputs go to runs/demo-sft/; how long it takes: docs/experiments.md.
+# The minigmr demo on a fresh machine, retrieve then rerank as MRB does, on the built-in synthetic world:
+#   1. the world (data/synth, skipped if already there): an evaluation suite, training data, a tiny caption-pretrained
+#      Qwen2.5-VL checkpoint, and the first stage: that checkpoint trained into an embedder on the training data;
+#   2. retrieval with that embedder (each query's top 30) and the untrained reranker on it, the baseline;
+#   3. SFT of the reranker on the training data;
+#   4. the trained reranker on the same candidates: first stage vs reranked per task with paired 95% intervals,
+#      then a verdict and where everything was written. Time and numbers: README, Quickstart.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -d .venv ] || python3 -m venv .venv
@@ -10,9 +14,28 @@ python -m pip install -q --upgrade pip
 # CPU machines: the pinned wheel first (an unpinned torch pulls a multi-GB CUDA build). Skip if torch is present.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e .
-rm -rf runs/demo-sft                                                      # the demo's own folder: a fresh run
-python train.py --objective sft --out runs/demo-sft                       # generates data/synth on first use
-python eval.py --suite synth --json runs/demo-sft/eval-untrained.json     # the untrained tiny checkpoint
-# the trained model, with the untrained model's numbers in the "baseline" column and the gain in "vs base"
-python eval.py --suite synth --model runs/demo-sft/merged --json runs/demo-sft/eval-trained.json \
-    --baseline runs/demo-sft/eval-untrained.json
+OUT=runs/demo
+rm -rf "$OUT"                                                            # the demo's own folder: a fresh run
+mkdir -p "$OUT"
+start=$(date +%s)
+step() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+
+step "1/4 the synthetic world and its first-stage embedder (data/synth)"
+python -m minigmr.synth --out data/synth
+FIRST=(--first-stage embedder --embedder data/synth/embedder)
+
+step "2/4 retrieve with the embedder, rerank with the untrained reranker (baseline; full table in $OUT/untrained.txt)"
+python eval.py "${FIRST[@]}" --json "$OUT/untrained.json" > "$OUT/untrained.txt"
+grep "^Verdict" "$OUT/untrained.txt"
+
+step "3/4 train the reranker with SFT (runs/demo/sft)"
+# fewer steps than train.py's default, so that the whole demo fits its time budget (README, Quickstart)
+python train.py --objective sft --steps 1400 --out "$OUT/sft"
+
+step "4/4 the trained reranker on the same candidates; baseline = the untrained reranker"
+python eval.py "${FIRST[@]}" --model "$OUT/sft/merged" --json "$OUT/trained.json" --baseline "$OUT/untrained.json"
+
+echo
+echo "Done in $(( $(date +%s) - start )) s. Outputs: the world (suite, training data, checkpoint, embedder) in data/synth;"
+echo "the trained reranker in $OUT/sft/merged (training log: $OUT/sft/log.jsonl); numbers in $OUT/untrained.json and"
+echo "$OUT/trained.json; first-stage and reranked runs (TREC) in $OUT/untrained.runs/ and $OUT/trained.runs/."

@@ -4,11 +4,15 @@ recall ceiling, then macro averages per task type, per group (single-, cross-, f
 
     python eval.py --suite synth                       # the synthetic world (generated on first use), tiny model
     python eval.py --suite mrb --data-dir mrb/ --model ckpt/ --adapter runs/lora/ --json out/mrb.json
+    python eval.py --first-stage embedder --embedder data/synth/embedder --model runs/sft/merged   # retrieve first
 
 A suite is a folder of datasets in minigmr's format (minigmr/data.py); docs/mrb.md explains how to build MRB's.
 
 What is compared, per dataset:
-  first stage  run.trec as it is (MRB: GME-2B's top 100).
+  first stage  run.trec as it is (MRB: GME-2B's top 100), or with `--first-stage embedder --embedder PATH` the
+               top `--top-k` of an embedder (minigmr/embedding.py): each dataset's corpus embedded once (cached
+               like the scores), the queries with the dataset's instruction, exact top k by cosine similarity in
+               memory-bounded chunks, ties broken as trec_eval breaks them; written as a TREC run (--runs-dir).
   reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's score (`--score`);
                candidates below the depth keep their first-stage order under all of them. Both runs hold exactly
                the same documents, so they differ only in the order of the top k.
@@ -20,25 +24,28 @@ What is compared, per dataset:
 
 Scores are cached per dataset in an append-only JSONL file (one line per query, written as soon as the query is
 scored), keyed by the model and adapter (path and file stats, so retraining into the same folder gets a new key),
-the dtype, the rerank depth and a hash of the dataset files; an interrupted run resumes where it stopped.
+the dtype, the rerank depth, the first stage and a hash of the dataset files; an interrupted run resumes where it
+stopped (minigmr/eval_cache.py). Next to --json (or in --runs-dir): every dataset's first-stage and reranked runs
+as TREC files; the JSON holds each query's main metric, first stage and reranked, for paired intervals.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
 import platform
-import re
 import sys
 import time
+from dataclasses import replace
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from minigmr.data import TASK_TYPES, load_suite, read_jsonl, write_json
-from minigmr.metrics import DEFAULT_METRICS, evaluate, parse_metric
+from minigmr.data import TASK_TYPES, load_suite, read_json, write_json
+from minigmr.embedding import Embedder, search
+from minigmr.eval_cache import cache_file, corpus_embeddings, embedding_cache_file, fingerprint, read_cache
+from minigmr.metrics import DEFAULT_METRICS, evaluate, evaluate_per_query, parse_metric, write_run
 from minigmr.report import aggregate, read_baseline, report
 from minigmr.scoring import Reranker, default_device_dtype
 from minigmr.synth import ensure_world
@@ -46,50 +53,6 @@ from minigmr.synth import ensure_world
 DEFAULT_WORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 MRB_KNOWN_COUNTS = {"T->T": 14, "T->VD": 5, "IT->IT": 3}  # the per-task counts that were found (docs/gmr.md §4)
 MRB_SIZE = 40
-
-
-# ---------------------------------------------------------------------------------------------------- cache
-def fingerprint(path):
-    """A model/adapter folder's identity: its absolute path and the (name, size, mtime) of its files."""
-    if path is None:
-        return None
-    path = os.path.abspath(path)
-    stats = [(f, os.stat(os.path.join(path, f))) for f in sorted(os.listdir(path))]
-    return [path] + [[f, s.st_size, s.st_mtime_ns] for f, s in stats if os.path.isfile(os.path.join(path, f))]
-
-
-def dataset_hash(ds):
-    """sha256 of the files the scores depend on. qrels.tsv is left out on purpose (fixing a judgement must not
-    re-score anything); image files are not hashed (too big), only the paths that name them."""
-    h = hashlib.sha256()
-    for name in ("meta.json", "queries.jsonl", "corpus.jsonl", "run.trec"):
-        h.update(name.encode())
-        with open(os.path.join(ds.root, name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def cache_file(cache_dir, ds, reranker_key, top_k):
-    """-> (path, key): one file per (dataset, reranker, depth), named by a digest of the key."""
-    key = {"reranker": reranker_key, "top_k": top_k, "dataset": ds.name, "dataset_sha256": dataset_hash(ds)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', ds.name)}-{digest}.jsonl"), key
-
-
-def read_cache(path):
-    """{qid: record} of a cache file; the last record of a query wins. Whatever follows the last newline is an
-    interrupted write: it is cut off the file (so the next append starts on a fresh line) and re-scored."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, "r+b") as f:
-        end = f.read().rfind(b"\n") + 1
-        if end < f.tell():
-            f.truncate(end)
-    try:  # the first line is a header with the key (no "qid"), for people reading the cache folder
-        return {record["qid"]: record for _, record in read_jsonl(path) if "qid" in record}
-    except ValueError as e:
-        raise ValueError(f"{e}; delete the file to re-score") from None
 
 
 # ---------------------------------------------------------------------------------------------------- reranking
@@ -202,19 +165,25 @@ def dataset_numbers(ds, records, top_k, metrics):
     try:
         fs = evaluate(ds.qrels, first, list(dict.fromkeys([*names, ceiling])))
         rr = evaluate(ds.qrels, reranked, names)
+        per_query = [evaluate_per_query(ds.qrels, run, [ds.main_metric]) for run in (first, reranked)]
     except ValueError as e:
         raise ValueError(f"dataset {ds.name!r} ({ds.root}): {e}") from None
     skipped = ds.skipped + [m for r in records.values() for m in r["skipped"]]
     return {"task": ds.task, "group": ds.group, "main_metric": ds.main_metric,
             "queries": sum(any(r > 0 for r in ds.qrels.get(q, {}).values()) for q in first),
             "skipped": len(skipped), "skipped_items": skipped,
-            "first_stage": {n: fs[n] for n in names}, "reranked": rr, "ceiling": fs[ceiling]}
+            "first_stage": {n: fs[n] for n in names}, "reranked": rr, "ceiling": fs[ceiling],
+            "depth": max((len(r["scores"] or {}) + len(r["dropped"]) for r in records.values()), default=0),
+            # main metric per judged query, [first stage, reranked]: what paired intervals resample (report.py)
+            "per_query": {q: [per_query[0][q][ds.main_metric], per_query[1][q][ds.main_metric]]
+                          for q in per_query[0]}}
 
 
 def evaluate_suite(datasets, reranker, top_k=100, metrics=DEFAULT_METRICS, batch_size=None, on_error="raise",
-                   cache_dir=None, reranker_key=None, progress=True):
+                   cache_dir=None, reranker_key=None, progress=True, runs_dir=None):
     """Rerank and score every dataset -> {"datasets": {name: numbers}, "tasks", "groups", "overall"}.
-    `reranker` is anything with Reranker.score's signature; caching needs cache_dir and a reranker_key."""
+    `reranker` is anything with Reranker.score's signature; caching needs cache_dir and a reranker_key.
+    runs_dir: write <dataset>.first-stage.trec and <dataset>.reranked.trec there."""
     if cache_dir is not None and reranker_key is None:
         raise ValueError("caching needs a reranker_key that identifies the reranker (model, adapter, dtype)")
     if not datasets:
@@ -230,6 +199,9 @@ def evaluate_suite(datasets, reranker, top_k=100, metrics=DEFAULT_METRICS, batch
             cache = cache_file(cache_dir, ds, reranker_key, top_k) if cache_dir is not None else None
             records = rerank_dataset(ds, reranker, top_k, batch_size, on_error, cache, bar)
             per_dataset[ds.name] = dataset_numbers(ds, records, top_k, metrics)
+            if runs_dir is not None:
+                for run, kind in zip(build_runs(ds, records, top_k), ("first-stage", "reranked")):
+                    write_run(os.path.join(runs_dir, f"{ds.name}.{kind}.trec"), run, f"minigmr-{kind}")
     return {"datasets": per_dataset, **aggregate(per_dataset)}
 
 
@@ -247,8 +219,16 @@ def parse_args(argv=None):
                                       "default for synth: the world's suite)")
     p.add_argument("--datasets", nargs="+", metavar="NAME", help="evaluate only these datasets (by name)")
     p.add_argument("--batch-size", type=int, help="candidates per forward pass (default: the reranker's)")
-    p.add_argument("--top-k", type=int, default=100,
-                   help="rerank depth: only each query's first-stage top k are reranked (default 100, as MRB)")
+    p.add_argument("--top-k", type=int, help="rerank depth: only each query's first-stage top k are reranked, and "
+                   "the embedder retrieves k (default 100, as MRB; for the default synthetic world, its candidates "
+                   "per query)")
+    p.add_argument("--first-stage", choices=("run", "embedder"), default="run",
+                   help="run: each dataset's run.trec; embedder: retrieve with --embedder (minigmr/embedding.py)")
+    p.add_argument("--embedder", help="--first-stage embedder: embedder checkpoint folder (train.py --objective "
+                   "embed writes OUT/merged; the synthetic world's is data/synth/embedder)")
+    p.add_argument("--embedder-adapter", help="--first-stage embedder: LoRA adapter folder merged into --embedder")
+    p.add_argument("--runs-dir", help="where the TREC runs go (default: next to --json as <name>.runs/, else "
+                   "runs/ in the cache folder)")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
                    help="ndcg@K, recall@K, mrr@K or map (default: %(default)s); main metrics are always added")
     p.add_argument("--json", metavar="OUT", help="write every number, the skipped items and the config here")
@@ -273,14 +253,19 @@ def parse_args(argv=None):
             parse_metric(m)
         except ValueError as e:
             p.error(str(e))
-    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+    if (args.top_k is not None and args.top_k < 1) or (args.batch_size is not None and args.batch_size < 1):
         p.error("--top-k and --batch-size must be positive")
+    if (args.first_stage == "embedder") != (args.embedder is not None) or args.embedder_adapter and not args.embedder:
+        p.error("--first-stage embedder needs --embedder PATH, and --embedder / --embedder-adapter need "
+                "--first-stage embedder")
     if args.suite == "mrb" and (args.data_dir is None or args.model is None):
         p.error("--suite mrb needs --data-dir (a folder of datasets, docs/mrb.md) and --model")
-    for flag, folder in (("--model", args.model), ("--adapter", args.adapter)):
+    for flag, folder in (("--model", args.model), ("--adapter", args.adapter), ("--embedder", args.embedder),
+                         ("--embedder-adapter", args.embedder_adapter)):
         if folder is not None and not os.path.isdir(folder):
             p.error(f"{flag} {folder}: {'not a folder' if os.path.exists(folder) else 'no such folder'}")
-    for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True)):
+    for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True),
+                                  ("--runs-dir", args.runs_dir, True)):
         if path is not None and (why := unwritable(path, is_folder)):
             p.error(f"{flag} {path}: {why}")  # now, not after the scoring
     if args.device is not None:
@@ -317,11 +302,27 @@ def versions():
 
 
 
+def retrieve_first_stage(datasets, args, device, dtype, cache_dir):
+    """The datasets with their run replaced by the embedder's top --top-k (corpus embeddings cached)."""
+    embedder = Embedder.from_pretrained(args.embedder, adapter=args.embedder_adapter, dtype=dtype, device=device)
+    key = {"embedder": fingerprint(args.embedder), "adapter": fingerprint(args.embedder_adapter), "dtype": str(dtype)}
+    out = []
+    with tqdm(total=sum(len(ds.corpus) for ds in datasets), unit="doc", desc="embedding corpora") as bar:
+        for ds in datasets:
+            ids, corpus = corpus_embeddings(embedder.embed, ds, embedding_cache_file(cache_dir, ds, key), bar=bar)
+            queries = embedder.embed([q.as_input() for q in ds.queries.values()], ds.instruction)
+            out.append(replace(ds, run=dict(zip(ds.queries, search(queries, corpus, ids, args.top_k)))))
+    return out, key
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.model is None or args.data_dir is None:  # synth defaults
         world = ensure_world(DEFAULT_WORLD)
+        if args.data_dir is None and args.top_k is None:
+            args.top_k = read_json(os.path.join(world["root"], "world.json"))["n_candidates"]
         args.model, args.data_dir = args.model or world["checkpoint"], args.data_dir or world["suite"]
+    args.top_k = args.top_k or 100
     baseline = read_baseline(args.baseline, args.top_k) if args.baseline else None  # fail before scoring
     datasets = load_suite(args.data_dir, on_error=args.on_error, names=args.datasets)
     if args.suite == "mrb" and not args.datasets:
@@ -335,19 +336,25 @@ def main(argv=None):
                                         score_type=args.score)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else ".",
                                                ".eval_cache")
+    runs_dir = args.runs_dir or (os.path.splitext(args.json)[0] + ".runs" if args.json else
+                                 os.path.join(cache_dir, "runs"))
     key = {"model": fingerprint(args.model), "adapter": fingerprint(args.adapter), "dtype": str(dtype),
            "score": reranker.score_type}
     start = time.time()
+    if args.first_stage == "embedder":
+        datasets, key["first_stage"] = retrieve_first_stage(datasets, args, device, dtype, cache_dir)
     results = evaluate_suite(datasets, reranker, args.top_k, args.metrics, args.batch_size, args.on_error,
-                             cache_dir, key)
+                             cache_dir, key, runs_dir=runs_dir)
     seconds = time.time() - start
     print(f"score: {reranker.score_type} ({'p(yes)' if reranker.score_type == 'sft' else 'the yes logit'})")
     print(report(results, args.top_k, args.metrics, baseline))
-    print(f"\n{len(datasets)} dataset(s), {sum(len(d.queries) for d in datasets)} queries in {seconds:.1f} s "
-          f"(scores cached in {cache_dir})")
+    print(f"\n{len(datasets)} dataset(s), {sum(len(d.queries) for d in datasets)} queries in {seconds:.1f} s; "
+          f"runs (TREC) in {runs_dir}, scores cached in {cache_dir}" + (f", numbers in {args.json}" if args.json else ""))
     results["config"] = {"suite": args.suite, "data_dir": os.path.abspath(args.data_dir),
                          "model": os.path.abspath(args.model),
                          "adapter": os.path.abspath(args.adapter) if args.adapter else None,
+                         "first_stage": "run.trec" if args.first_stage == "run" else os.path.abspath(args.embedder),
+                         "runs_dir": os.path.abspath(runs_dir),
                          "top_k": args.top_k, "metrics": args.metrics, "datasets": [d.name for d in datasets],
                          "on_error": args.on_error, "device": str(device), "dtype": str(dtype),
                          "score": reranker.score_type,

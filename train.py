@@ -1,6 +1,7 @@
 """
 Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit the query?") with SFT,
-InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6). One file, read top to bottom, nanoGPT style.
+InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6), or with --objective embed the first-stage embedder
+of minigmr/embedding.py (VladVA, docs/gmr.md §8). One file, read top to bottom, nanoGPT style.
 
 To run on one process (CPU, or one GPU), e.g. the tiny synthetic demo (the synthetic data, with its caption-
 pretrained checkpoint, is generated into data/synth on first use):
@@ -63,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minigmr import losses, train_state
+from minigmr.embedding import GroupEmbedder, mark_embedder
 from minigmr.lora import disable_adapters, inject_lora, lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, Processor
@@ -226,6 +228,14 @@ class YesNoScorer(nn.Module):
 def objective(z, z_ref):
     """The loss (fp32 scalar, mean over groups) and its detached per-document weights W (G, 1+N) for the log."""
     o = args.objective
+    if o == "embed":  # z = GroupEmbedder's (q, d, positive, exclude, lm); W is logged with the positive first
+        q, d, positive, exclude, lm = z
+        loss = args.cl_weight * losses.embedding_infonce_loss(q, d, positive, args.embed_temperature, exclude)
+        if lm is not None:
+            loss = loss + args.lm_weight * losses.next_token_loss(*lm)
+        w = losses.embedding_weight_direction(q, d, positive, args.embed_temperature, exclude)[0]  # (G, M)
+        is_pos = torch.zeros_like(w, dtype=torch.bool).scatter_(1, positive[:, None], True)
+        return loss, torch.cat([w[is_pos][:, None], w[~is_pos].view(len(w), -1)], dim=1)  # (G, M)
     if o == "sft":
         return losses.sft_loss(z), losses.sft_weight_direction(z)[0]
     if o == "infonce":
@@ -291,7 +301,9 @@ barrier()
 if master:
     with open(log_path, "w") as f:
         f.writelines(kept)
-scorer = YesNoScorer(model, yes_no, [param for name, param in trainable.items() if name.startswith("vision.")])
+trained_vision = [param for name, param in trainable.items() if name.startswith("vision.")]
+scorer = GroupEmbedder(model, processor, args.max_length, args.lm_weight > 0, trained_vision) \
+    if args.objective == "embed" else YesNoScorer(model, yes_no, trained_vision)
 ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else scorer
 ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
 
@@ -329,14 +341,15 @@ for step in bar:
         last = micro == args.grad_accum - 1
         # all-reduce the gradients only on the last micro-step (nanoGPT); before that they just accumulate
         with ddp_scorer.no_sync() if ddp and not last else contextlib.nullcontext():
-            with autocast:
+            with autocast, reported(f"{args.data}: "):
                 z, lengths = ddp_scorer(batch)
             loss, w = objective(z, reference_logits(batch) if args.objective == "dpo" else None)
             if INJECT_NAN_AT_STEP == step:
                 loss = loss * float("nan")
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean
-        # the SFT loss is logged for every objective: the one value they are all comparable on
-        totals.update({"loss": loss.item(), "sft_loss": losses.sft_loss(z.detach()).item(), **losses.weight_stats(w),
+        # the SFT loss is logged for every reranking objective, the one value they are all comparable on (embed: its loss)
+        sft = loss.item() if args.objective == "embed" else losses.sft_loss(z.detach()).item()
+        totals.update({"loss": loss.item(), "sft_loss": sft, **losses.weight_stats(w),
                        "tokens": sum(lengths)})
     totals = all_reduce_sum(totals)
     # every micro-batch holds G groups, so the mean of the micro-batch means is the mean over the global batch
@@ -374,8 +387,11 @@ if STOP_AFTER_STEP is None or STOP_AFTER_STEP >= args.steps:
     if master:
         # InfoNCE (and the unified loss with the CL direction) only shapes z_yes: such a model ranks by z_yes
         score = "cl" if args.objective == "infonce" or (args.objective == "url" and args.direction == "cl") else "sft"
-        print0(f"merged model written to {train_state.export_merged(model, args.out, args.model, score)} "
-               f"(read with the {score} score)")
+        merged = train_state.export_merged(model, args.out, args.model, score)
+        if args.objective == "embed":
+            mark_embedder(merged)  # an embedder, not a reranker: eval.py --embedder reads it
+        print0(f"merged model written to {merged} " + ("(an embedder)" if args.objective == "embed" else
+                                                       f"(read with the {score} score)"))
     barrier()
 if ddp:
     dist.destroy_process_group()

@@ -37,6 +37,11 @@ The Unified Reranking Loss (`url_loss`, docs/gmr.md §2.3) recombines any weight
 four cells and the all-ones / tau-mask weights are the paper's probes (arXiv 2510.14824 Tables 1 and 2,
 docs/gmr.md §2.4).
 
+The embedder (embedding.py, docs/gmr.md §8) trains with the same softmax over a group, now over cosine
+similarities of unit vectors and with the whole batch as the group (`embedding_infonce_loss`): its W is the CL
+weight and its direction is the query's embedding instead of M_y (`embedding_weight_direction`). `next_token_loss`
+is VladVA's generative term, which keeps the model a language model while its last state becomes a vector.
+
 Precision: everything is computed in at least fp32 whatever the model dtype (bf16/fp16 are upcast; fp64
 stays fp64, which lets the tests check gradients to 1e-10). docs/gmr.md §2.4: W_CL can be tiny and
 vanishes in bf16.
@@ -291,3 +296,62 @@ def url_loss(logits: Tensor, weight: str | Tensor = "sft", direction: str = "sft
 def weight_stats(w: Tensor) -> dict[str, float]:
     """The training log's view of a weight tensor W (G, 1+N): {"w_pos": mean W+, "w_neg": mean W-}."""
     return {"w_pos": w[:, 0].mean().item(), "w_neg": w[:, 1:].mean().item() if w.shape[1] > 1 else float("nan")}
+
+
+# ----------------------------------------------------------------------------- the embedder (embedding.py)
+
+def embedding_scores(q: Tensor, d: Tensor, positive: Tensor, temperature: float, exclude: Tensor | None) -> Tensor:
+    """(B, M) fp32 s_ij = cos(q_i, d_j) / T, -inf where `exclude` says d_j is no negative of query i (e.g. another
+    copy of its positive). q (B, D) and d (M, D) are unit vectors; positive (B,) the index in d of q_i's positive."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if q.ndim != 2 or d.ndim != 2 or q.shape[1] != d.shape[1] or positive.shape != (q.shape[0],):
+        raise ValueError(f"need q (B, D), d (M, D), positive (B,); got {tuple(q.shape)}, {tuple(d.shape)}, "
+                         f"{tuple(positive.shape)}")
+    s = (_fp32(q) @ _fp32(d).T) / temperature  # (B, D) @ (D, M) -> (B, M)
+    if exclude is not None:
+        keep = ~exclude.clone()
+        keep[torch.arange(len(q)), positive] = True  # the positive itself always counts
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def embedding_infonce_loss(q: Tensor, d: Tensor, positive: Tensor, temperature: float = 0.05,
+                           exclude: Tensor | None = None) -> Tensor:
+    """InfoNCE of a bi-encoder (VladVA, GME; docs/gmr.md §8): each query picks its positive out of every document
+    of the batch, its own hard negatives and the other queries' documents (in-batch negatives).
+
+        L = mean_i [ -log( e^{s_i+} / sum_j e^{s_ij} ) ],   s_ij = cos(q_i, d_j) / T
+
+    The same softmax over a group as `infonce_loss`, now over cosine similarities instead of yes logits, and the
+    group is the whole batch. Query -> document only (VladVA's loss is symmetric image <-> text)."""
+    s = embedding_scores(q, d, positive, temperature, exclude)  # (B, M)
+    return -torch.log_softmax(s, dim=1)[torch.arange(len(q)), positive].mean()
+
+
+def embedding_weight_direction(q: Tensor, d: Tensor, positive: Tensor, temperature: float = 0.05,
+                               exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """W (B, M) and signs (B, M) of `embedding_infonce_loss`: with p = softmax_j(s_ij),
+
+        W_i+ = sum_{j != +} p_ij / T,  D = +q_i      (R1 with M_y -> q_i)
+        W_ij = p_ij / T,              D = -q_i      (R2)
+
+    so dL/dd_j = -(1/B) sum_i W_ij sign_ij q_i and dL/dq_i = -(1/B) sum_j W_ij sign_ij d_j exactly (gradients with
+    respect to the unit vectors; the normalisation then keeps their tangential part). The CL table with the query's
+    embedding in place of the "yes" row: one softmax over the batch, so once the positives dominate, every weight
+    collapses together, which is what a contrastive first stage wants (and a reranker does not, docs/gmr.md §2.2)."""
+    s = embedding_scores(q.detach(), d.detach(), positive, temperature, exclude)
+    p = torch.softmax(s, dim=1)  # (B, M)
+    rows = torch.arange(len(q))
+    w = p / temperature
+    w[rows, positive] = 0.0
+    w[rows, positive] = w.sum(dim=1)  # the sum over negatives, not 1 - p+, which cancels when p+ -> 1
+    signs = -torch.ones_like(w)
+    signs[rows, positive] = 1.0
+    return w, signs
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy, fp32: logits (n, V) at the answer positions, labels (n,) the next tokens
+    (VladVA's generative term on long captions, written after the embedding prompt; pretrain.py's caption loss)."""
+    return F.cross_entropy(_fp32(logits), labels)

@@ -3,11 +3,16 @@
     python -m minigmr.synth --out data/synth --seed 0
 
 From the scenes of scenes.py (groups of coloured shapes, drawn, described in words and printed on pages) we build:
-  (a) an evaluation suite, one dataset per MRB task type (docs/gmr.md §4), each with a first-stage run that looks
-      like a real retriever's (weighted attribute overlap + noise: the positive usually, not always, near the top);
-  (b) training data (JSONL: query, positives, negatives, hard_negatives) from a disjoint sample of the same world;
+  (a) an evaluation suite, one dataset per MRB task type (docs/gmr.md §4);
+  (b) training data (JSONL: query, positives, negatives, hard_negatives, a longer description of the positive)
+      from a disjoint sample of the same world;
   (c) a tiny Qwen2.5-VL checkpoint in the official layout, with a BPE tokenizer trained on the world, random-init
-      and then caption-pretrained on the world's pictures (pretrain.py; it never sees a yes/no answer).
+      and then caption-pretrained on the world's pictures (pretrain.py; it never sees a yes/no answer);
+  (d) the suite's first stage, as MRB's is GME's top 100: that checkpoint trained into an embedder on (b)
+      (first_stage.py, embedding.py; saved in embedder/), whose top `n_candidates` per query are each run.trec.
+      The ablation `first_stage="attributes"` (--first-stage attributes) keeps a formula instead: weighted overlap
+      of the documents' true attributes + noise, which no real retriever has; with the embedder it is kept in
+      run.attributes.trec for comparison.
 Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
 queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
 Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
@@ -26,6 +31,8 @@ import torch
 
 from .config import Config, TextConfig, VisionConfig
 from .data import Item, read_json, write_dataset, write_json
+from .embedding import Embedder
+from .first_stage import save_embedder, train_embedder, write_first_stage
 from .metrics import rank
 from .model import Qwen25VL
 from .pretrain import caption_accuracy, pretrain
@@ -47,8 +54,8 @@ TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in 
                    "Retrieve an image that aligns with the modification instructions of the provided image."),
     "synth_it2it": ("IT->IT", "image+ask", "image+passage", "Find the card whose picture and text match the query."),
 }
-# The first-stage "retriever": weighted attribute overlap + Gaussian noise. Like real embedders it is good at
-# colour and shape and weak at counting and spatial relations, which leaves room for the reranker.
+# The ablation's first stage (first_stage="attributes"): weighted overlap of the true attributes + Gaussian noise,
+# good at colour and shape and weak at counting and position.
 RETRIEVER_WEIGHTS = {"count": 0.4, "colour": 1.0, "shape": 1.0, "position": 0.6}
 RETRIEVER_NOISE = 0.6
 # Init std of the tiny checkpoint's matrices, above transformers' 0.02 (why: write_tiny_checkpoint).
@@ -58,7 +65,9 @@ INIT_STD = 0.07
 PRETRAIN_STEPS = 2000
 N_HARD, N_DISTRACTORS = 8, 3  # per eval query: hard negatives, and random distractor documents in the corpus
 # Bumped whenever generation changes, so that an old world on disk is not silently reused (ensure_world).
-WORLD_VERSION = 3
+WORLD_VERSION = 4
+# Steps of the world's first-stage embedder (first_stage.py; what it reaches: docs/experiments.md).
+EMBED_STEPS = 250
 # Strings of the GMR prompt (docs/gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
 PROMPT_STRINGS = (SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<Instruct>: ", "<Query>:",
                   "\n<Document>:", "system", "user", "assistant", "yes", "no")
@@ -212,11 +221,14 @@ def write_training_data(folder: str, seed: int = 0, n_records: int = 3000, exclu
                     ex["negatives"].append([g])
             records.append({"task": TASKS[name][0], **ex})
             doc = lambda groups: plain(render(dkind, {"groups": groups}, rng, picture, rng.choice((1, 2))))
+            about = random.Random(f"{seed}/train/description/{i}")  # its own stream: the rest is unchanged
+            description = about.choice(TEMPLATES["passage"]).format(**fields(ex["positives"][0], about.randint(1, 99)))
             f.write(json.dumps({"id": f"train-{i:05d}", "instruction": instruction,
                                 "query": plain(render(qkind, ex["query"], rng, picture, 0)),
                                 "positives": [doc(g) for g in ex["positives"]],
                                 "negatives": [doc(g) for g in ex["negatives"]],
-                                "hard_negatives": [doc(g) for g in ex["hard"]]}) + "\n")
+                                "hard_negatives": [doc(g) for g in ex["hard"]],
+                                "description": description}) + "\n")
     return records
 
 
@@ -277,23 +289,40 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
 
 # ---------------------------------------------------------------------------------------------------- the whole world
 def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
-                   n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS) -> dict:
-    """Write suite/, train/train.jsonl and checkpoint/ under out_dir (plus world.json, written last)."""
+                   n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS, first_stage: str = "embedder",
+                   embed_steps: int = EMBED_STEPS) -> dict:
+    """Write suite/, train/train.jsonl, checkpoint/ and, with the embedder first stage, embedder/ under out_dir
+    (plus world.json, written last). embed_steps=0: the untrained checkpoint retrieves (an ablation)."""
     check_sizes(n_eval_queries, n_candidates, n_train)
+    if first_stage not in ("embedder", "attributes"):
+        raise ValueError(f"first_stage (--first-stage) must be 'embedder' or 'attributes', got {first_stage!r}")
     suite = write_eval_suite(os.path.join(out_dir, "suite"), seed, n_eval_queries, n_candidates)
     eval_targets = {q["groups"][0] for ds in suite.values() for q in ds["queries"]}
     write_training_data(os.path.join(out_dir, "train"), seed, n_train, exclude=eval_targets)
     pretraining = write_tiny_checkpoint(os.path.join(out_dir, "checkpoint"), seed, pretrain_steps=pretrain_steps)
-    write_json(os.path.join(out_dir, "world.json"), {"version": WORLD_VERSION, "seed": seed,
-                                                      "n_eval_queries": n_eval_queries, "n_candidates": n_candidates,
-                                                      "n_train": n_train, "pretrain_steps": pretrain_steps,
-                                                      "pretraining": pretraining})
+    world = {"version": WORLD_VERSION, "seed": seed, "n_eval_queries": n_eval_queries, "n_candidates": n_candidates,
+             "n_train": n_train, "pretrain_steps": pretrain_steps, "pretraining": pretraining,
+             "first_stage": first_stage}
+    if first_stage == "embedder":
+        paths = world_paths(out_dir)
+        model, processor = Qwen25VL.from_pretrained(paths["checkpoint"]), Processor.from_pretrained(paths["checkpoint"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            losses = train_embedder(model, processor, paths["train"], embed_steps, seed) if embed_steps else []
+        save_embedder(model, paths["checkpoint"], os.path.join(out_dir, "embedder"))
+        for name in TASKS:
+            write_first_stage(Embedder(model, processor), os.path.join(paths["suite"], name), n_candidates)
+        mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None
+        world.update(embed_steps=embed_steps, embedder={"loss_first_20": mean(losses[:20]),
+                                                        "loss_last_20": mean(losses[-20:])})
+    write_json(os.path.join(out_dir, "world.json"), world)
     return world_paths(out_dir)
 
 
 def world_paths(out_dir: str) -> dict:
     return {"root": out_dir, "suite": os.path.join(out_dir, "suite"),
-            "train": os.path.join(out_dir, "train", "train.jsonl"), "checkpoint": os.path.join(out_dir, "checkpoint")}
+            "train": os.path.join(out_dir, "train", "train.jsonl"), "checkpoint": os.path.join(out_dir, "checkpoint"),
+            "embedder": os.path.join(out_dir, "embedder")}
 
 
 def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
@@ -343,15 +372,22 @@ def main(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
                    help="caption-pretraining steps of the tiny checkpoint; 0 leaves it random-init "
                         "(default: %(default)s)")
+    p.add_argument("--first-stage", choices=("embedder", "attributes"), default="embedder",
+                   help="embedder: the checkpoint trained into an embedder on the training data retrieves each "
+                        "run.trec; attributes: the ablation, a formula over the true attributes + noise")
+    p.add_argument("--embed-steps", type=int, default=EMBED_STEPS,
+                   help="training steps of the first-stage embedder; 0: the untrained checkpoint retrieves "
+                        "(default: %(default)s)")
     a = p.parse_args(argv)
-    if a.pretrain_steps < 0:
-        p.error(f"--pretrain-steps must be >= 0, got {a.pretrain_steps}")
+    if a.pretrain_steps < 0 or a.embed_steps < 0:
+        p.error(f"--pretrain-steps and --embed-steps must be >= 0, got {a.pretrain_steps} and {a.embed_steps}")
     try:
         check_sizes(a.eval_queries, a.candidates, a.train)
     except ValueError as e:
         p.error(str(e))
+    extra = {"embed_steps": a.embed_steps} if a.first_stage == "embedder" else {}
     paths = ensure_world(a.out, a.seed, n_eval_queries=a.eval_queries, n_candidates=a.candidates, n_train=a.train,
-                         pretrain_steps=a.pretrain_steps)
+                         pretrain_steps=a.pretrain_steps, first_stage=a.first_stage, **extra)
     print(json.dumps(paths, indent=2))
 
 

@@ -14,7 +14,7 @@ from .lora import TEXT_TARGETS, VISION_TARGETS
 # Peak lr of the tiny demo, every objective: the best of the values tried (docs/experiments.md, train.py entries).
 DEMO_LR = 5e-4
 # Default --steps: the demo within minutes on a CPU (fewer for DPO, whose reference forward makes a step dearer).
-DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000}
+DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000, "embed": 400}
 # What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
 TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
 
@@ -26,10 +26,17 @@ def build_parser(description=None):
                         "pretrained checkpoint in data/synth (generated if absent)")
     parser.add_argument("--data", default=None, help="training JSONL (format: minigmr/train_data.py). Default: the "
                         "synthetic data's")
-    parser.add_argument("--objective", default="sft", choices=["sft", "infonce", "dpo", "url"],
+    parser.add_argument("--objective", default="sft", choices=["sft", "infonce", "dpo", "url", "embed"],
                         help="sft: yes/no cross-entropy per document (GMR's choice); infonce: softmax over the "
                         "group's yes logits; dpo: yes-vs-no preference against the starting model; url: unified "
-                        "reranking loss, any --weight with any --direction (docs/gmr.md §2.3)")
+                        "reranking loss, any --weight with any --direction (docs/gmr.md §2.3); embed: a first-stage embedder "
+                        "(minigmr/embedding.py): InfoNCE over the batch's cosine similarities + the next-token loss on "
+                        "the records' descriptions (VladVA, docs/gmr.md §8)")
+    parser.add_argument("--embed-temperature", type=float, default=0.05,
+                        help="embed only: temperature of the contrastive loss over cosine similarities")
+    parser.add_argument("--cl-weight", type=float, default=1.0, help="embed only: weight of the contrastive term")
+    parser.add_argument("--lm-weight", type=float, default=1.0, help="embed only: weight of the next-token term "
+                        "on the records' 'description' texts (records without one add nothing; 0: off)")
     parser.add_argument("--weight", default="sft", choices=["sft", "cl", "ones"],
                         help="url only: weight source W (docs/gmr.md §2.2)")
     parser.add_argument("--direction", default="sft", choices=["sft", "cl"],
@@ -113,6 +120,8 @@ def flag_problems(args, given, world_size):
     ranges = {"lr": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
               "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "temperature": (lambda v: v > 0, "> 0"),
               "beta": (lambda v: v > 0, "> 0"), "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+              "embed_temperature": (lambda v: v > 0, "> 0"),
+              "cl_weight": (lambda v: v >= 0, ">= 0"), "lm_weight": (lambda v: v >= 0, ">= 0"),
               "tau": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
               "lora_rank": (lambda v: v >= 1, ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0 (scaling = alpha / r)"),
               "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -129,6 +138,8 @@ def flag_problems(args, given, world_size):
                                args.objective == "infonce" or (args.objective == "url" and args.weight == "cl")),
                **dict.fromkeys(("beta", "label_smoothing"), ("--objective dpo", args.objective == "dpo")),
                **dict.fromkeys(("tau", "weight", "direction"), ("--objective url", args.objective == "url")),
+               **dict.fromkeys(("embed_temperature", "cl_weight", "lm_weight"),
+                               ("--objective embed", args.objective == "embed")),
                **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "vision_lora_targets"),
                                lora_read)}
     problems = []

@@ -6,7 +6,9 @@ Training data is one JSONL file, one record per line:
      "query": {"text": str, "image": str} or a bare string (= text),
      "positives": [doc, ...],          at least one
      "negatives": [doc, ...],          optional: random/easy negatives
-     "hard_negatives": [doc, ...]}     optional: mined hard negatives
+     "hard_negatives": [doc, ...],     optional: mined hard negatives
+     "description": str}               optional: a longer text about the first positive (train.py --objective
+                                       embed: VladVA's next-token term, written after that document's prompt)
 
 where a doc is a bare string (= text) or {"text": str, "image": str}, and image paths are relative to the JSONL
 file's folder. The instruction is a non-empty string. A doc may not be both a positive and a negative of the same
@@ -37,6 +39,7 @@ class TrainRecord:
     positives: list[Item]  # at least one
     negatives: list[Item] = field(default_factory=list)
     hard_negatives: list[Item] = field(default_factory=list)
+    description: str | None = None  # a longer text about positives[0], for the embedder's next-token term
 
 
 class TrainGroup(NamedTuple):
@@ -63,12 +66,15 @@ def load_training_data(path: str | os.PathLike, check_images: bool = True) -> li
         if rid in seen:
             raise ValueError(f"{where}: duplicate id")
         seen.add(rid)
-        unknown = sorted(set(obj) - {"id", "instruction", "query", "positives", "negatives", "hard_negatives"})
+        unknown = sorted(set(obj) - {"id", "instruction", "query", "positives", "negatives", "hard_negatives",
+                                    "description"})
         missing = [k for k in ("instruction", "query", "positives") if k not in obj]
         if unknown or missing:
             raise ValueError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
         if not isinstance(obj["instruction"], str) or not obj["instruction"].strip():
             raise ValueError(f"{where}: 'instruction' must be a string (not empty), got {obj['instruction']!r}")
+        if "description" in obj and (not isinstance(obj["description"], str) or not obj["description"].strip()):
+            raise ValueError(f"{where}: 'description' must be a non-empty string, got {obj['description']!r}")
         query = doc(obj["query"], rid, f"{where}: query")
         docs = {}
         for key in ("positives", "negatives", "hard_negatives"):
@@ -86,7 +92,7 @@ def load_training_data(path: str | os.PathLike, check_images: bool = True) -> li
             for i, d in enumerate(docs[key]):
                 if _key(d) in positive_keys:
                     raise ValueError(f"{where}: {key}[{i}]: this doc is also one of the record's positives")
-        records.append(TrainRecord(rid, obj["instruction"], query, **docs))
+        records.append(TrainRecord(rid, obj["instruction"], query, **docs, description=obj.get("description")))
     if not records:
         raise ValueError(f"{path}: no records")
     return records

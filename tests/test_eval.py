@@ -17,7 +17,8 @@ from PIL import Image
 
 from minigmr import synth
 from minigmr.data import Item, load_suite, write_dataset
-from minigmr.metrics import evaluate
+from minigmr.embedding import Embedder, search
+from minigmr.metrics import evaluate, read_run
 from minigmr.report import read_baseline, report
 from minigmr.scoring import Reranker
 
@@ -438,10 +439,11 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     for m in METRICS:
         assert cl["datasets"]["synth_t2t"]["reranked"][m] == pytest.approx(want[m], rel=1e-12)
     header = next(line for line in printed.splitlines() if line.startswith("group "))
-    assert "baseline" in header.split() and "vs" in header.split()
-    overall = next(line for line in printed.splitlines() if line.startswith("overall")).split()
+    assert "baseline" in header.split() and "vs baseline" in header
+    overall = next(line for line in printed.splitlines() if line.startswith("overall"))
     b, r = sft["overall"]["reranked"], cl["overall"]["reranked"]
-    assert overall[5:7] == [f"{b:.4f}", f"{r - b:+.4f}"]  # datasets first reranked delta | baseline vs-base
+    at, vs = header.index("baseline "), header.index("vs baseline")  # columns are aligned: same offsets
+    assert overall[at:].startswith(f"{b:.4f} ") and overall[vs:].startswith(f"{r - b:+.4f} ")
     with pytest.raises(SystemExit):
         ev.parse_args(base + ["--baseline", str(tmp_path / "missing.json")])
     assert "--baseline" in capsys.readouterr().err
@@ -451,6 +453,38 @@ def test_cl_score_and_baseline_column(synth_suite, tmp_path, capsys):
     (tmp_path / "other.json").write_text('{"numbers": []}')
     with pytest.raises(ValueError, match=r"--baseline .*other.json: not an eval.py --json result"):
         ev.main(base + ["--baseline", str(tmp_path / "other.json")])
+
+
+def test_embedder_first_stage_equals_its_run_file(synth_suite, tmp_path, capsys):
+    """--first-stage embedder retrieves each query's top k by cosine (the same as embedding.search on vectors
+    computed here), writes that run, and gives exactly the numbers of evaluating that run as run.trec."""
+    ckpt, names = str(synth_suite / "checkpoint"), ["synth_t2t", "synth_it2it"]
+    common = ["--model", ckpt, "--datasets", *names, "--top-k", "5", "--cache-dir", str(tmp_path / "cache")]
+    emb = ev.main(["--data-dir", str(synth_suite / "suite"), *common, "--first-stage", "embedder", "--embedder", ckpt,
+                   "--json", str(tmp_path / "emb.json")])
+    printed = capsys.readouterr().out
+    assert "ceiling (recall@5)" in printed and "Verdict: reranking moved ndcg@10" in printed
+    assert len(list((tmp_path / "cache").glob("synth_t2t-corpus-*.jsonl"))) == 1  # corpus embeddings cached
+    embedder = Embedder.from_pretrained(ckpt)
+    suite = tmp_path / "suite"
+    for ds in load_suite(synth_suite / "suite", names=names):
+        ids = list(ds.corpus)
+        corpus = embedder.embed([ds.corpus[d].as_input() for d in ids])
+        queries = embedder.embed([q.as_input() for q in ds.queries.values()], ds.instruction)
+        written = read_run(tmp_path / "emb.runs" / f"{ds.name}.first-stage.trec")
+        assert written == dict(zip(ds.queries, search(queries, corpus, ids, 5)))
+        shutil.copytree(ds.root, suite / ds.name)
+        shutil.copy(tmp_path / "emb.runs" / f"{ds.name}.first-stage.trec", suite / ds.name / "run.trec")
+        assert read_run(tmp_path / "emb.runs" / f"{ds.name}.reranked.trec").keys() == written.keys()
+    from_file = ev.main(["--data-dir", str(suite), *common, "--json", str(tmp_path / "file.json")])
+    assert from_file["datasets"] == emb["datasets"] and from_file["overall"] == emb["overall"]
+    again = ev.main(["--data-dir", str(synth_suite / "suite"), *common, "--first-stage", "embedder", "--embedder",
+                     ckpt])  # corpus embeddings and scores from the caches
+    assert again["datasets"] == emb["datasets"]
+    for flags in (["--first-stage", "embedder"], ["--embedder", ckpt]):
+        with pytest.raises(SystemExit):
+            ev.parse_args(flags)
+        assert "--first-stage embedder needs --embedder" in capsys.readouterr().err
 
 
 def test_image_the_processor_refuses(synth_suite, tmp_path, capsys):

@@ -227,3 +227,44 @@ def test_bad_input_raises():
         L.dpo_loss(torch.randn(2, 5, 2), torch.randn(2, 5, 2), label_smoothing=0.7)
     with pytest.raises(ValueError, match="weight"):
         L.url_loss(torch.randn(2, 5, 2), weight="dpo")
+
+
+@pytest.mark.parametrize("with_exclude", [False, True])
+def test_embedding_gradient_equals_minus_weight_times_direction(with_exclude):
+    """Bi-encoder InfoNCE over the batch: autograd's gradients on the query and document unit vectors equal
+    -(1/B) sum W sign (the other side's vector), W from the closed form p / T written out here (fp64)."""
+    B, M, T = 4, 12, 0.07
+    g = torch.Generator().manual_seed(7)
+    q = F.normalize(torch.randn(B, DH, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    d = F.normalize(torch.randn(M, DH, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    positive = torch.tensor([0, 4, 8, 9])
+    exclude = torch.zeros(B, M, dtype=torch.bool)
+    if with_exclude:
+        exclude[0, 5] = exclude[2, 9] = exclude[1, 4] = True  # [1, 4] is query 1's positive: never excluded
+    s = (q @ d.T / T).detach().masked_fill(exclude & (torch.arange(M) != positive[:, None]), float("-inf"))
+    p = torch.softmax(s, dim=1)
+    loss = L.embedding_infonce_loss(q, d, positive, T, exclude if with_exclude else None)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, -torch.log(p[torch.arange(B), positive]).mean(), **TIGHT)
+    is_pos = torch.zeros(B, M, dtype=torch.bool)
+    is_pos[torch.arange(B), positive] = True
+    w_want = torch.where(is_pos, (1 - p[torch.arange(B), positive])[:, None].expand(B, M), p) / T
+    w, signs = L.embedding_weight_direction(q, d, positive, T, exclude if with_exclude else None)
+    torch.testing.assert_close(w, w_want, **TIGHT)
+    torch.testing.assert_close(signs, torch.where(is_pos, 1.0, -1.0).double(), **TIGHT)
+    gq, gd = torch.autograd.grad(loss, (q, d))
+    torch.testing.assert_close(gd, -(w * signs).T @ q.detach() / B, **TIGHT)  # sum_i W_ij s_ij q_i
+    torch.testing.assert_close(gq, -(w * signs) @ d.detach() / B, **TIGHT)  # sum_j W_ij s_ij d_j
+    if with_exclude:
+        assert w[0, 5] == 0 and w[2, 9] == 0  # an excluded document is no negative: no push at all
+    with pytest.raises(ValueError, match="temperature"):
+        L.embedding_infonce_loss(q, d, positive, 0.0)
+
+
+def test_next_token_loss_is_mean_cross_entropy():
+    logits = torch.randn(5, 11, dtype=torch.bfloat16)
+    labels = torch.tensor([1, 0, 10, 3, 3])
+    got = L.next_token_loss(logits, labels)
+    want = -torch.log_softmax(logits.float(), -1)[torch.arange(5), labels].mean()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)

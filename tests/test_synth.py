@@ -17,11 +17,12 @@ from tokenizers import Tokenizer
 from minigmr import scenes, synth
 from minigmr.config import Config
 from minigmr.data import load_suite
+from minigmr.embedding import EMBEDDER_FILE, Embedder, search
 from minigmr.train_data import load_training_data
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, smart_resize
 
-SMALL = dict(n_eval_queries=8, n_candidates=20, n_train=120, pretrain_steps=3)  # pretraining: tests/test_pretrain.py
+SMALL = dict(n_eval_queries=8, n_candidates=20, n_train=120, pretrain_steps=3, embed_steps=2)  # the machinery only
 
 
 def file_hashes(root):
@@ -78,6 +79,29 @@ def test_suite_structure_and_modalities(world):
             assert len(ds.run[qid]) == SMALL["n_candidates"] and set(ds.run[qid]) <= set(ds.corpus)
         for item in list(ds.queries.values()) + list(ds.corpus.values()):
             assert item.image is None or os.path.isfile(item.image)
+
+
+def test_first_stage_is_the_worlds_embedder(world, tmp_path):
+    """Each run.trec is the saved embedder's top n_candidates (embedding.search), the attribute formula's run is
+    kept beside it, and the training records carry the description the embedder's next-token term reads."""
+    embedder = Embedder.from_pretrained(world["embedder"])
+    assert os.path.isfile(os.path.join(world["embedder"], EMBEDDER_FILE))
+    for ds in load_suite(world["suite"]):
+        ids = list(ds.corpus)
+        corpus = embedder.embed([ds.corpus[d].as_input() for d in ids])
+        queries = embedder.embed([q.as_input() for q in ds.queries.values()], ds.instruction)
+        assert ds.run == dict(zip(ds.queries, search(queries, corpus, ids, SMALL["n_candidates"])))
+        assert os.path.isfile(os.path.join(ds.root, "run.attributes.trec"))
+    records = load_training_data(world["train"])
+    assert all(r.description and r.description.startswith(("note", "record", "entry")) for r in records)
+    manifest = json.load(open(os.path.join(world["root"], "world.json")))
+    assert manifest["first_stage"] == "embedder" and manifest["embed_steps"] == SMALL["embed_steps"]
+    ablation = synth.generate_world(str(tmp_path / "a"), first_stage="attributes",
+                                    **{**SMALL, "embed_steps": 0, "pretrain_steps": 0})
+    assert not os.path.exists(ablation["embedder"])
+    assert not os.path.exists(os.path.join(ablation["suite"], "synth_t2t", "run.attributes.trec"))
+    with pytest.raises(ValueError, match="first_stage"):
+        synth.generate_world(str(tmp_path / "b"), first_stage="bm25")
 
 
 def test_qrels_hard_negatives_and_run_follow_the_attributes(tmp_path):
@@ -189,7 +213,7 @@ def test_ensure_world_and_cli(world, tmp_path):
     out = str(tmp_path / "w")
     synth.main(["--out", out, "--seed", "0", "--eval-queries", str(SMALL["n_eval_queries"]),
                 "--candidates", str(SMALL["n_candidates"]), "--train", str(SMALL["n_train"]),
-                "--pretrain-steps", str(SMALL["pretrain_steps"])])
+                "--pretrain-steps", str(SMALL["pretrain_steps"]), "--embed-steps", str(SMALL["embed_steps"])])
     assert file_hashes(out) == file_hashes(world["root"])  # the CLI writes exactly what generate_world writes
     assert [p for p in os.listdir(tmp_path) if "tmp" in p] == []  # the temporary folder was renamed away
     mtime = os.path.getmtime(os.path.join(out, "world.json"))

@@ -5,6 +5,7 @@
   - a NaN loss stops training with a clear message and leaves the last good checkpoint untouched
   - each objective lowers its loss on one fixed batch (overfit check); DPO starts at exactly (1+N) log 2
   - the merged export loads (minigmr and transformers) and scores like the model with its adapter applied
+  - --objective embed fits one batch, exports an embedder, and runs on the same DDP / exact-resume machinery
   - a prompt longer than --max-length is an error naming the record (never a silent truncation)
   - bad flags (out of range, nan / inf, not read by the chosen objective or --train mode), a checkpoint that does
     not fit and a log torn by a crash are named before any work; a step that makes weights non-finite saves nothing
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigmr import peft_io, train_state
+from minigmr.embedding import EMBEDDER_FILE, Embedder
 from minigmr.losses import yes_no_logits
 from minigmr.model import Qwen25VL
 from minigmr.processor import Processor
@@ -40,7 +42,7 @@ LOGGED = ("loss", "sft_loss", "w_pos", "w_neg", "lr", "grad_norm")  # the determ
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return generate_world(str(tmp_path_factory.mktemp("world")), n_eval_queries=2, n_candidates=10, n_train=24,
-                          pretrain_steps=0)  # the machinery, not the learning: random init is enough
+                          pretrain_steps=0, first_stage="attributes")  # the machinery: random init is enough
 
 
 def train(world, out, *extra, nproc=1, check=True, hooks=None):
@@ -206,6 +208,49 @@ def test_each_objective_fits_one_batch(world, tmp_path, objective, extra):
         assert json.load(f) == {"score": "cl" if objective == "infonce" else "sft"}
 
 
+def test_embed_objective_fits_one_batch_and_exports_an_embedder(world, tmp_path):
+    """--objective embed: the contrastive loss over the batch falls on one fixed batch (from log(1+N) x G docs), the
+    next-token term on the records' descriptions adds to it, and the export is an embedder, not a reranker."""
+    steps = 25
+    train(world, tmp_path, "--objective", "embed", "--train", "full", "--overfit-one-batch", "--micro-batch", "4",
+          "--grad-accum", "1", "--steps", steps, "--schedule", "constant", "--save-every", steps, "--lm-weight", "0")
+    lines = log(tmp_path)
+    first, last3 = lines[0]["loss"], sum(x["loss"] for x in lines[-3:]) / 3
+    assert last3 < 0.3 * first, [round(x["loss"], 3) for x in lines]
+    assert all(x["w_pos"] >= 0 and x["w_neg"] >= 0 for x in lines)
+    merged = os.path.join(tmp_path, "merged")
+    assert os.path.isfile(os.path.join(merged, EMBEDDER_FILE))
+    assert not os.path.exists(os.path.join(merged, "minigmr_reranker.json"))
+    e = Embedder.from_pretrained(merged).embed(["two red circles on the left", "one blue star"])
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
+    with_lm = tmp_path / "lm"
+    train(world, with_lm, "--objective", "embed", "--train", "lora", "--overfit-one-batch", "--micro-batch", "4",
+          "--grad-accum", "1", "--steps", 1, "--lm-weight", "1", "--cl-weight", "0")
+    # contrastive weight 0: the loss is the next-token loss alone, near log(vocabulary) for the random model
+    assert 0.5 * math.log(600) < log(with_lm)[0]["loss"] < 2 * math.log(600)
+
+
+def test_embed_under_torchrun_and_resume(world, tmp_path):
+    """--objective embed runs on the same machinery: 2 processes == 1 process with the same micro-batches (the
+    in-batch negatives are each micro-batch's), and stop after step 2 + --resume == the uninterrupted run."""
+    common = ["--objective", "embed", "--train", "lora", "--micro-batch", "2", "--steps", "3", "--save-every", "1",
+              "--lm-weight", "0.5"]
+    train(world, tmp_path / "ddp", *common, "--grad-accum", "1", nproc=2)
+    train(world, tmp_path / "one", *common, "--grad-accum", "2")
+    train(world, tmp_path / "split", *common, "--grad-accum", "2", hooks={"MINIGMR_TEST_STOP_AFTER_STEP": 2})
+    train(world, tmp_path / "split", *common, "--grad-accum", "2", "--resume")
+    ddp, one, split = log(tmp_path / "ddp"), log(tmp_path / "one"), log(tmp_path / "split")
+    assert [x["step"] for x in ddp] == [x["step"] for x in one] == [1, 2, 3]
+    for a, b, c in zip(ddp, one, split):
+        for key in ("loss", "w_pos", "w_neg", "lr", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+            assert c[key] == b[key], (c["step"], key)  # resumed: bit for bit
+    last = lambda run: weights(tmp_path / run / "step-000003")
+    for k, w in last("one").items():
+        torch.testing.assert_close(last("ddp")[k], w, rtol=0, atol=1e-5, msg=k)
+        assert torch.equal(last("split")[k], w), k
+
+
 # ------------------------------------------------------------------------------------------------ merged export
 def _batch(world, n=6):
     proc = Processor.from_pretrained(world["checkpoint"])
@@ -305,6 +350,9 @@ def test_a_failed_or_non_finite_update_saves_nothing(world, tmp_path, flags, hoo
       "lora+vision", "--lora-alpha is not read", "--lora-dropout is not read", "--lora-targets is not read",
       "--vision-lora-targets is not read", "give --steps or --epochs, not both"]),
     (["--objective", "url", "--weight", "sft", "--temperature", "2"], ["--temperature is not read with --objective url"]),
+    (["--lm-weight", "0", "--embed-temperature", "-1"], ["--embed-temperature -1.0: must be a finite number > 0",
+                                                         "--embed-temperature is not read with --objective sft",
+                                                         "--lm-weight is not read with --objective sft"]),
 ])
 def test_bad_flags_are_each_named_before_any_work(world, tmp_path, flags, errors):
     out, file = tmp_path / "out", tmp_path / "file"
