@@ -45,6 +45,8 @@ from tqdm import tqdm
 from minigmr.data import TASK_TYPES, load_suite, read_json, write_json
 from minigmr.embedding import Embedder, search
 from minigmr.eval_cache import cache_file, corpus_embeddings, embedding_cache_file, fingerprint, read_cache
+from minigmr.hardware import set_threads
+from minigmr.hub import resolve
 from minigmr.metrics import DEFAULT_METRICS, evaluate, evaluate_per_query, parse_metric, write_run
 from minigmr.report import aggregate, read_baseline, report
 from minigmr.scoring import Reranker, default_device_dtype
@@ -238,8 +240,10 @@ def parse_args(argv=None):
                         "control token) or a candidate absent from the corpus: raise (default), or skip the item "
                         "and count it in the table")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="weights dtype (default: bfloat16 on a GPU, float32 on a CPU); scores are always fp32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: bfloat16 "
+                   "on a GPU and on a CPU with AMX / AVX512-BF16, else float32); scores are always fp32")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS if set, else the cores "
+                   "not busy with other work, so that a loaded machine slows down gracefully)")
     p.add_argument("--baseline", metavar="JSON", help="the --json of an earlier run (e.g. the untrained model): "
                    "its reranked numbers are printed next to this run's in the task, group and overall tables")
     p.add_argument("--score", choices=("sft", "cl"), help="sft: p(yes), the softmax over the yes/no logits; cl: "
@@ -253,17 +257,23 @@ def parse_args(argv=None):
             parse_metric(m)
         except ValueError as e:
             p.error(str(e))
-    if (args.top_k is not None and args.top_k < 1) or (args.batch_size is not None and args.batch_size < 1):
-        p.error("--top-k and --batch-size must be positive")
+    if any(v is not None and v < 1 for v in (args.top_k, args.batch_size, args.threads)):
+        p.error("--top-k, --batch-size and --threads must be positive")
     if (args.first_stage == "embedder") != (args.embedder is not None) or args.embedder_adapter and not args.embedder:
         p.error("--first-stage embedder needs --embedder PATH, and --embedder / --embedder-adapter need "
                 "--first-stage embedder")
     if args.suite == "mrb" and (args.data_dir is None or args.model is None):
         p.error("--suite mrb needs --data-dir (a folder of datasets, docs/mrb.md) and --model")
-    for flag, folder in (("--model", args.model), ("--adapter", args.adapter), ("--embedder", args.embedder),
-                         ("--embedder-adapter", args.embedder_adapter)):
-        if folder is not None and not os.path.isdir(folder):
-            p.error(f"{flag} {folder}: {'not a folder' if os.path.exists(folder) else 'no such folder'}")
+    for flag in ("--model", "--adapter", "--embedder", "--embedder-adapter"):
+        folder = getattr(args, attr := flag[2:].replace("-", "_"))
+        if folder is None or os.path.isdir(folder):
+            continue
+        if os.path.exists(folder):
+            p.error(f"{flag} {folder}: not a folder")
+        try:  # not a local folder: a hub id (owner/name), from huggingface_hub's cache or the Hub (minigmr/hub.py)
+            setattr(args, attr, resolve(folder))
+        except (OSError, ImportError) as e:
+            p.error(f"{flag} {e}")
     for flag, path, is_folder in (("--json", args.json, False), ("--cache-dir", args.cache_dir, True),
                                   ("--runs-dir", args.runs_dir, True)):
         if path is not None and (why := unwritable(path, is_folder)):
@@ -317,6 +327,7 @@ def retrieve_first_stage(datasets, args, device, dtype, cache_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_threads(args.threads)  # CPU work (the world's generation, image preprocessing, a CPU model): idle cores
     if args.model is None or args.data_dir is None:  # synth defaults
         world = ensure_world(DEFAULT_WORLD)
         if args.data_dir is None and args.top_k is None:

@@ -3,8 +3,7 @@ Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit
 InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6), or with --objective embed the first-stage embedder
 of minigmr/embedding.py (VladVA, docs/gmr.md §8). One file, read top to bottom, nanoGPT style.
 
-To run on one process (CPU, or one GPU), e.g. the tiny synthetic demo (the synthetic data, with its caption-
-pretrained checkpoint, is generated into data/synth on first use):
+To run on one process (CPU or one GPU), e.g. the tiny synthetic demo (its world is generated on first use):
 $ python train.py --objective sft
 
 To run with DDP on 8 GPUs of one node, e.g. the paper's recipe (LoRA r=16, lr 1e-4, 16 negatives, docs/gmr.md §3):
@@ -14,7 +13,6 @@ $ torchrun --standalone --nproc_per_node 8 train.py --model Qwen2.5-VL-7B-Instru
 To run with DDP on 2 nodes of 8 GPUs each, on node 0 (the master, example IP 123.456.123.456) and node 1:
 $ torchrun --nnodes 2 --node_rank 0 --master_addr 123.456.123.456 --master_port 29500 --nproc_per_node 8 train.py ...
 $ torchrun --nnodes 2 --node_rank 1 --master_addr 123.456.123.456 --master_port 29500 --nproc_per_node 8 train.py ...
-(If your cluster does not have an Infiniband interconnect, prepend NCCL_IB_DISABLE=1.)
 
 One optimizer step sees a global batch of micro_batch x world_size x grad_accum groups; a group is one
 (instruction, query) with its positive and N negatives, i.e. 1+N prompts. The global batch of step k is a pure
@@ -36,7 +34,7 @@ Outputs in --out (layout in minigmr/train_state.py): log.jsonl (one line per log
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
 the optimizer state, RNG states and settings; safetensors and JSON only, so --resume never unpickles) and merged/
 (the trained model in the official Qwen2.5-VL layout with the processor files: loads in eval.py --model,
-Qwen25VL.from_pretrained and transformers).
+Qwen25VL.from_pretrained, transformers and, for a reranker, sentence-transformers' CrossEncoder).
 
 Bad input stops before any work where it can (flags, data, checkpoint, --resume), with `train.py: error:` and a
 message naming the flag, file, line or record; a flag the chosen --objective / --train mode does not read is an
@@ -65,10 +63,12 @@ from tqdm import tqdm
 
 from minigmr import losses, train_state
 from minigmr.embedding import GroupEmbedder, mark_embedder
+from minigmr.hardware import set_threads
 from minigmr.lora import disable_adapters, inject_lora, lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, Processor
 from minigmr.scoring import PromptTooLong, group_logits
+from minigmr.st_export import write_sentence_transformers_files
 from minigmr.synth import ensure_world
 from minigmr.train_args import TRAIN_MODES, fill_step_defaults, flag_problems, parse_args
 from minigmr.train_data import GlobalBatches, load_training_data
@@ -97,6 +97,7 @@ else:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 master = rank == 0  # only the master process logs and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+set_threads(args.threads)  # idle cores only: torch's spinning threads on a busy core are a cliff (hardware.py)
 
 
 def print0(*msg):
@@ -390,6 +391,8 @@ if STOP_AFTER_STEP is None or STOP_AFTER_STEP >= args.steps:
         merged = train_state.export_merged(model, args.out, args.model, score)
         if args.objective == "embed":
             mark_embedder(merged)  # an embedder, not a reranker: eval.py --embedder reads it
+        else:
+            write_sentence_transformers_files(merged)  # CrossEncoder(merged) loads it too (st_export.py)
         print0(f"merged model written to {merged} " + ("(an embedder)" if args.objective == "embed" else
                                                        f"(read with the {score} score)"))
     barrier()

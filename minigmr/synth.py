@@ -33,6 +33,7 @@ from .config import Config, TextConfig, VisionConfig
 from .data import Item, read_json, write_dataset, write_json
 from .embedding import Embedder
 from .first_stage import save_embedder, train_embedder, write_first_stage
+from .hardware import set_threads
 from .metrics import rank
 from .model import Qwen25VL
 from .pretrain import caption_accuracy, pretrain
@@ -378,7 +379,9 @@ def main(argv=None):
     p.add_argument("--embed-steps", type=int, default=EMBED_STEPS,
                    help="training steps of the first-stage embedder; 0: the untrained checkpoint retrieves "
                         "(default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the idle cores)")
     a = p.parse_args(argv)
+    set_threads(a.threads)  # hardware.py: a busy core shared by torch's spinning threads is a cliff
     if a.pretrain_steps < 0 or a.embed_steps < 0:
         p.error(f"--pretrain-steps and --embed-steps must be >= 0, got {a.pretrain_steps} and {a.embed_steps}")
     try:

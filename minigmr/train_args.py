@@ -91,6 +91,8 @@ def build_parser(description=None):
     parser.add_argument("--overfit-one-batch", action="store_true",
                         help="debugging: train on the first global batch at every step; the loss must go towards 0")
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA init, data order and negative sampling")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: "
+                        "OMP_NUM_THREADS if set, else this process's share of the cores not busy with other work)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<objective>)")
     parser.add_argument("--save-every", type=int, default=100, help="save a checkpoint every K steps and at the end")
     parser.add_argument("--resume", action="store_true",
@@ -124,6 +126,7 @@ def flag_problems(args, given, world_size):
               "cl_weight": (lambda v: v >= 0, ">= 0"), "lm_weight": (lambda v: v >= 0, ">= 0"),
               "tau": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
               "lora_rank": (lambda v: v >= 1, ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0 (scaling = alpha / r)"),
+              "threads": (lambda v: v >= 1, ">= 1"),
               "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
               "negatives": (lambda v: v >= 1, ">= 1 (a group ranks its positive against negatives)"),
               "hard_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "epochs": (lambda v: v > 0, "> 0"),
