@@ -22,7 +22,8 @@ step() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
 step "1/4 the synthetic world and its first-stage embedder (data/synth)"
 python -m minigmr.synth --out data/synth
-FIRST=(--first-stage embedder --embedder data/synth/embedder)
+# fp32 on every machine (the default is bf16 on CPUs with AMX / AVX512-BF16): the same numbers everywhere
+FIRST=(--first-stage embedder --embedder data/synth/embedder --dtype float32)
 
 step "2/4 retrieve with the embedder, rerank with the untrained reranker (baseline; full table in $OUT/untrained.txt)"
 python eval.py "${FIRST[@]}" --json "$OUT/untrained.json" > "$OUT/untrained.txt"

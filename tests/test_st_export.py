@@ -92,7 +92,7 @@ def log_odds(rr, query, docs, instruction=None):
 def test_cross_encoder_equals_minigmr(exported, data, kind):
     queries, text_docs, image_docs = data
     docs = text_docs if kind == "text" else image_docs
-    rr, ce = Reranker.from_pretrained(exported), CrossEncoder(exported, device="cpu")
+    rr, ce = Reranker.from_pretrained(exported, dtype=torch.float32), CrossEncoder(exported, device="cpu")
     for q in queries:
         for instruction in (None, INSTRUCTION):
             kw = {} if instruction is None else {"prompt": instruction}
@@ -116,7 +116,7 @@ def test_adapter_and_yes_logit_score(ckpt, data, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     save_adapter(model, str(tmp_path / "adapter"))
     out = export(ckpt, str(tmp_path / "cl"), adapter=str(tmp_path / "adapter"), score="cl")
-    rr = Reranker.from_pretrained(ckpt, adapter=str(tmp_path / "adapter"), score_type="cl")
+    rr = Reranker.from_pretrained(ckpt, adapter=str(tmp_path / "adapter"), score_type="cl", dtype=torch.float32)
     queries, text_docs, image_docs = data
     z = rr.logits(queries[2], image_docs)
     ce = CrossEncoder(out, device="cpu")

@@ -84,7 +84,7 @@ def test_suite_structure_and_modalities(world):
 def test_first_stage_is_the_worlds_embedder(world, tmp_path):
     """Each run.trec is the saved embedder's top n_candidates (embedding.search), the attribute formula's run is
     kept beside it, and the training records carry the description the embedder's next-token term reads."""
-    embedder = Embedder.from_pretrained(world["embedder"])
+    embedder = Embedder.from_pretrained(world["embedder"], dtype=torch.float32)  # the world is written in fp32
     assert os.path.isfile(os.path.join(world["embedder"], EMBEDDER_FILE))
     for ds in load_suite(world["suite"]):
         ids = list(ds.corpus)
