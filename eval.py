@@ -10,17 +10,16 @@ A suite is a folder of datasets in minigmr's format (minigmr/data.py); docs/mrb.
 
 What is compared, per dataset:
   first stage  run.trec as it is (MRB: GME-2B's top 100), or with `--first-stage embedder --embedder PATH` the
-               top `--top-k` of an embedder (minigmr/embedding.py): each dataset's corpus embedded once (cached
-               like the scores), the queries with the dataset's instruction, exact top k by cosine similarity in
-               memory-bounded chunks, ties broken as trec_eval breaks them; written as a TREC run (--runs-dir).
+               exact top `--top-k` of an embedder (minigmr/embedding.py) by cosine similarity, each corpus
+               embedded once (cached), ties broken as trec_eval breaks them.
   reranked     the first `--top-k` candidates (the rerank depth) ordered by the reranker's score (`--score`);
-               candidates below the depth keep their first-stage order under all of them. Both runs hold exactly
-               the same documents, so they differ only in the order of the top k.
-  ceiling      first-stage recall@top-k: the share of the relevant documents that are among the candidates the
-               reranker sees. No reranker can recall more; a low ceiling is the first stage's fault.
-  Every number is minigmr.metrics (trec_eval conventions, ties by doc id). Each dataset's `main_metric` is
-  averaged as MRB does: the macro mean over datasets (per task type, per group, overall), each dataset weighing 1.
-  The tables and these means are minigmr/report.py.
+               candidates below the depth keep their first-stage order under them: both runs hold the same documents.
+  ceiling      first-stage recall@top-k: the share of the relevant documents among the candidates the reranker sees.
+  Every number is minigmr.metrics (trec_eval conventions, ties by doc id); each dataset's `main_metric` is averaged
+  as MRB does, a macro mean over datasets (per task type, per group, overall; minigmr/report.py).
+
+On several processes (`torchrun --nproc_per_node N eval.py ...`, one node or many) each process scores every N-th
+query of each dataset into its own cache file; process 0 merges them and reports: the numbers of one process.
 
 Scores are cached per dataset in an append-only JSONL file (one line per query, written as soon as the query is
 scored), keyed by the model and adapter (path and file stats, so retraining into the same folder gets a new key),
@@ -39,12 +38,15 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from minigmr.data import TASK_TYPES, load_suite, read_json, write_json
 from minigmr.embedding import Embedder, search
-from minigmr.eval_cache import cache_file, corpus_embeddings, embedding_cache_file, fingerprint, read_cache
+from minigmr.eval_cache import (cache_file, corpus_embeddings, embedding_cache_file, fingerprint, merge_rank_caches,
+                                read_cache)
+from minigmr.files import unwritable
 from minigmr.hardware import set_threads
 from minigmr.hub import resolve
 from minigmr.metrics import DEFAULT_METRICS, evaluate, evaluate_per_query, parse_metric, write_run
@@ -119,8 +121,9 @@ def score_query(reranker, ds, qid, cands, batch_size, on_error):
         return scores, sorted(dropped) + more, [m for _, _, m in at_fault] + more_msgs
 
 
-def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None):
-    """{qid: {"qid", "scores", "dropped", "skipped"}} for every query; cache = (path, key) or None."""
+def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None, shard=(0, 1)):
+    """{qid: {"qid", "scores", "dropped", "skipped"}} for every query; cache = (path, key) or None.
+    shard = (r, n): only the queries whose index is r modulo n (process r of n under torchrun)."""
     path, key = cache or (None, None)
     done, records = read_cache(path) if path else {}, {}
     if path:
@@ -128,7 +131,7 @@ def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache
     with open(path, "a", encoding="utf-8") if path else contextlib.nullcontext() as f:
         if f and f.tell() == 0:
             f.write(json.dumps({"key": key}) + "\n")
-        for qid in ds.queries:
+        for qid in list(ds.queries)[shard[0]::shard[1]]:
             cands = ds.candidates(qid)[:top_k]
             record = done.get(qid)
             covered = record and sorted([*(record["scores"] or {}), *record["dropped"]]) == sorted(cands)
@@ -288,28 +291,12 @@ def parse_args(argv=None):
     return args
 
 
-def unwritable(path, is_folder):
-    """Why `path` cannot be written as a file (or created as a folder), or None."""
-    if os.path.isdir(path) != is_folder and os.path.exists(path):
-        return "is a folder; give a file name, e.g. out/results.json" if not is_folder else "is not a folder"
-    parent = os.path.abspath(path) if is_folder else os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # the nearest existing folder, where makedirs starts
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is not a folder"
-    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        return "not writable"
-    return None
-
-
 def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
-        out["minigmr"] = importlib.metadata.version("minigmr")
+        mine = importlib.metadata.version("minigmr")
     except importlib.metadata.PackageNotFoundError:
-        out["minigmr"] = None
-    return out
-
+        mine = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "minigmr": mine}
 
 
 def retrieve_first_stage(datasets, args, device, dtype, cache_dir):
@@ -325,11 +312,27 @@ def retrieve_first_stage(datasets, args, device, dtype, cache_dir):
     return out, key
 
 
+def process0_first(fn, rank, barrier):
+    """fn() on process 0, then on the others (torchrun), which find what it wrote: the world, the embedding cache."""
+    if rank != 0:
+        barrier()
+    out = fn()
+    if rank == 0:
+        barrier()
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, n_procs = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets them
+    if n_procs > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available() and args.device is None:
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    barrier = dist.barrier if n_procs > 1 else (lambda: None)
     set_threads(args.threads)  # CPU work (the world's generation, image preprocessing, a CPU model): idle cores
     if args.model is None or args.data_dir is None:  # synth defaults
-        world = ensure_world(DEFAULT_WORLD)
+        world = process0_first(lambda: ensure_world(DEFAULT_WORLD), rank, barrier)
         if args.data_dir is None and args.top_k is None:
             args.top_k = read_json(os.path.join(world["root"], "world.json"))["n_candidates"]
         args.model, args.data_dir = args.model or world["checkpoint"], args.data_dir or world["suite"]
@@ -353,7 +356,21 @@ def main(argv=None):
            "score": reranker.score_type}
     start = time.time()
     if args.first_stage == "embedder":
-        datasets, key["first_stage"] = retrieve_first_stage(datasets, args, device, dtype, cache_dir)
+        datasets, key["first_stage"] = process0_first(
+            lambda: retrieve_first_stage(datasets, args, device, dtype, cache_dir), rank, barrier)
+    if n_procs > 1:  # each process scores its share of every dataset's queries into its own cache file
+        for ds in datasets:
+            path, ds_key = cache_file(cache_dir, ds, key, args.top_k)
+            rerank_dataset(ds, reranker, args.top_k, args.batch_size, args.on_error, (f"{path}.rank{rank}", ds_key),
+                           shard=(rank, n_procs))
+        barrier()
+        if rank == 0:
+            for ds in datasets:
+                merge_rank_caches(cache_file(cache_dir, ds, key, args.top_k)[0], n_procs)
+        barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return None  # process 0 reads the merged caches: the single-process numbers, nothing scored twice
     results = evaluate_suite(datasets, reranker, args.top_k, args.metrics, args.batch_size, args.on_error,
                              cache_dir, key, runs_dir=runs_dir)
     seconds = time.time() - start
@@ -367,9 +384,9 @@ def main(argv=None):
                          "first_stage": "run.trec" if args.first_stage == "run" else os.path.abspath(args.embedder),
                          "runs_dir": os.path.abspath(runs_dir),
                          "top_k": args.top_k, "metrics": args.metrics, "datasets": [d.name for d in datasets],
-                         "on_error": args.on_error, "device": str(device), "dtype": str(dtype),
-                         "score": reranker.score_type,
-                         "batch_size": args.batch_size, "seconds": seconds, "versions": versions()}
+                         "on_error": args.on_error, "device": str(device), "dtype": str(dtype), "processes": n_procs,
+                         "score": reranker.score_type, "batch_size": args.batch_size, "seconds": seconds,
+                         "versions": versions()}
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(args.json, results)

@@ -168,7 +168,8 @@ class Embedder:
     def from_pretrained(cls, path: str, adapter: str | None = None, dtype=None, device=None, min_pixels=None,
                         max_pixels=None, **kw) -> "Embedder":
         """Any minigmr / official Qwen2.5-VL checkpoint folder, optionally with a LoRA adapter folder (minigmr or
-        peft format) merged in; bf16 on a GPU, fp32 on a CPU; `kw` goes to the constructor."""
+        peft format) merged in; bf16 on a GPU or a CPU with fast bf16, else fp32 (hardware.py); `kw` goes to the
+        constructor."""
         device, dtype = default_device_dtype(device, dtype)
         model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
         if adapter is not None:

@@ -67,6 +67,24 @@ def read_cache(path):
         raise ValueError(f"{e}; delete the file to re-score") from None
 
 
+def merge_rank_caches(path, world):
+    """Append the records of the per-process cache files `path.rank<r>` (eval.py under torchrun) to `path`, then
+    delete them: the next reader, one process or many, finds every query scored."""
+    parts = [f"{path}.rank{r}" for r in range(world) if os.path.exists(f"{path}.rank{r}")]
+    if os.path.exists(path):
+        cut_torn_tail(path)
+    with open(path, "a", encoding="utf-8") as out:
+        for part in parts:
+            cut_torn_tail(part)
+            with open(part, encoding="utf-8") as f:
+                header, *records = f.readlines() or [""]
+            if out.tell() == 0:
+                out.write(header)  # the key line, the same in every part
+            out.writelines(records)
+    for part in parts:
+        os.remove(part)
+
+
 def embedding_cache_file(cache_dir, ds, embedder_key):
     """-> (path, key) of a dataset's corpus embeddings under one embedder."""
     h = hashlib.sha256()

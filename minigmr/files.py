@@ -60,3 +60,17 @@ def write_safetensors(path: str | os.PathLike, tensors: dict) -> None:
     """{name: tensor} as a safetensors file with transformers' {"format": "pt"} metadata, atomically."""
     save_file(tensors, f"{path}.tmp", metadata={"format": "pt"})
     os.replace(f"{path}.tmp", path)
+
+
+def unwritable(path, is_folder):
+    """Why `path` cannot be written as a file (or created as a folder), or None."""
+    if os.path.isdir(path) != is_folder and os.path.exists(path):
+        return "is a folder; give a file name, e.g. out/results.json" if not is_folder else "is not a folder"
+    parent = os.path.abspath(path) if is_folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing folder, where makedirs starts
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a folder"
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        return "not writable"
+    return None

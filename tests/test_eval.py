@@ -4,9 +4,12 @@ the real tiny checkpoints (minigmr's synthetic one and a transformers-saved one)
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -612,3 +615,28 @@ def test_beir_to_suite_flags_checked_before_reading(tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
         beir.main(argv + flags)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_two_processes_give_the_numbers_of_one(synth_suite, tmp_path):
+    """torchrun --nproc_per_node 2 eval.py: each process scores every other query into its own cache file, process 0
+    merges them and reports; the JSON numbers and the TREC runs equal one process's exactly (embedder first stage
+    included: process 0 embeds the corpora, process 1 reads its cache)."""
+    common = ["--data-dir", str(synth_suite / "suite"), "--model", str(synth_suite / "checkpoint"), "--top-k", "4",
+              "--first-stage", "embedder", "--embedder", str(synth_suite / "checkpoint"), "--dtype", "float32",
+              "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = {}
+    for n in (1, 2):
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc_per_node", "2"]
+        done = subprocess.run([*launcher, str(ROOT / "eval.py"), *common, "--json", str(tmp_path / f"p{n}.json"),
+                               "--cache-dir", str(tmp_path / f"cache{n}")], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[n] = json.loads((tmp_path / f"p{n}.json").read_text())
+        assert not list((tmp_path / f"cache{n}").glob("*.rank*")), "per-process cache files are merged away"
+    assert out[2]["config"]["processes"] == 2
+    for part in ("datasets", "tasks", "groups", "overall"):
+        assert out[1][part] == out[2][part], part
+    for run in sorted((tmp_path / "p1.runs").glob("*.trec")):
+        assert run.read_text() == (tmp_path / "p2.runs" / run.name).read_text(), run.name
