@@ -21,14 +21,14 @@ What is compared, per dataset:
 On several processes (`torchrun --nproc_per_node N eval.py ...`, one node or many) each process scores every N-th
 query of each dataset into its own cache file; process 0 merges them and reports: the numbers of one process.
 
-Scores are cached per dataset in an append-only JSONL file (one line per query, written as soon as the query is
-scored), keyed by the model and adapter (path and file stats, so retraining into the same folder gets a new key),
-the dtype, the rerank depth, the first stage and a hash of the dataset files; an interrupted run resumes where it
-stopped (minigmr/eval_cache.py). Next to --json (or in --runs-dir): every dataset's first-stage and reranked runs
+Scores are cached per dataset in an append-only JSONL file (a line per query as soon as it is scored), keyed by
+the model and adapter (path and file stats: retraining into the same folder gets a new key), the dtype, the rerank
+depth, the first stage and a hash of the dataset files; an interrupted run resumes (minigmr/eval_cache.py). Next to --json (or in --runs-dir): every dataset's first-stage and reranked runs
 as TREC files; the JSON holds each query's main metric, first stage and reranked, for paired intervals.
 """
 import argparse
 import contextlib
+import datetime
 import importlib.metadata
 import json
 import os
@@ -121,11 +121,13 @@ def score_query(reranker, ds, qid, cands, batch_size, on_error):
         return scores, sorted(dropped) + more, [m for _, _, m in at_fault] + more_msgs
 
 
-def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None, shard=(0, 1)):
+def rerank_dataset(ds, reranker, top_k, batch_size=None, on_error="raise", cache=None, bar=None, shard=(0, 1),
+                   scored=None):
     """{qid: {"qid", "scores", "dropped", "skipped"}} for every query; cache = (path, key) or None.
-    shard = (r, n): only the queries whose index is r modulo n (process r of n under torchrun)."""
+    shard = (r, n): only the queries whose index is r modulo n (process r of n under torchrun); scored: records
+    found elsewhere (the merged cache, under torchrun), used but not written again."""
     path, key = cache or (None, None)
-    done, records = read_cache(path) if path else {}, {}
+    done, records = {**(scored or {}), **(read_cache(path) if path else {})}, {}
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") if path else contextlib.nullcontext() as f:
@@ -326,7 +328,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, n_procs = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets them
     if n_procs > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))  # barriers only, around long phases
         if torch.cuda.is_available() and args.device is None:
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     barrier = dist.barrier if n_procs > 1 else (lambda: None)
@@ -359,14 +361,15 @@ def main(argv=None):
         datasets, key["first_stage"] = process0_first(
             lambda: retrieve_first_stage(datasets, args, device, dtype, cache_dir), rank, barrier)
     if n_procs > 1:  # each process scores its share of every dataset's queries into its own cache file
-        for ds in datasets:
-            path, ds_key = cache_file(cache_dir, ds, key, args.top_k)
+        paths = [cache_file(cache_dir, ds, key, args.top_k) for ds in datasets]
+        process0_first(lambda: [read_cache(path) for path, _ in paths], rank, barrier)  # 0 mends torn tails first
+        for ds, (path, ds_key) in zip(datasets, paths):
             rerank_dataset(ds, reranker, args.top_k, args.batch_size, args.on_error, (f"{path}.rank{rank}", ds_key),
-                           shard=(rank, n_procs))
+                           shard=(rank, n_procs), scored=read_cache(path))
         barrier()
         if rank == 0:
-            for ds in datasets:
-                merge_rank_caches(cache_file(cache_dir, ds, key, args.top_k)[0], n_procs)
+            for path, _ in paths:
+                merge_rank_caches(path, n_procs)
         barrier()
         dist.destroy_process_group()
         if rank != 0:

@@ -97,7 +97,6 @@ else:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 master = rank == 0  # only the master process logs and writes files
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-set_threads(args.threads)  # idle cores only: torch's spinning threads on a busy core are a cliff (hardware.py)
 
 
 def print0(*msg):
@@ -133,6 +132,7 @@ def reported(prefix=""):
 # ----------------------------------------------------------------------------------------------------- settings
 if problems := flag_problems(args, given, world_size):  # every bad flag at once, before any work
     fail("\n  ".join(problems))
+set_threads(args.threads)  # idle cores only: torch's spinning threads on a busy core are a cliff (hardware.py)
 if args.model is None or args.data is None:
     if local_rank == 0:
         ensure_world(SYNTH_DIR)  # once per node; ensure_world is atomic, the other ranks wait

@@ -25,7 +25,7 @@ from .model import Qwen25VL
 from .processor import Processor
 from .train_data import GlobalBatches, load_training_data
 
-# The world embedder's recipe (what it reaches and costs: docs/experiments.md, embed.md).
+# The world embedder's recipe (what it reaches and costs: docs/experiments.md, The learned first stage).
 EMBED_BATCH, EMBED_NEGATIVES, EMBED_HARD_RATIO = 16, 3, 0.67  # groups per step; negatives per group, 2 of 3 hard
 EMBED_LR, EMBED_TEMPERATURE, EMBED_LM_WEIGHT = 5e-4, 0.05, 1.0
 PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")

@@ -34,39 +34,52 @@ def default_dtype(device: torch.device, flags: set | None = None) -> torch.dtype
     return torch.float32
 
 
-def usable_cores() -> int:
-    """This process's share of the cores it may run on: torchrun's LOCAL_WORLD_SIZE processes split them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def allowed_cores() -> set:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-def busy_cores(window: float = 0.25, stat: str = "/proc/stat") -> float | None:
-    """How many cores other processes kept busy over `window` seconds (Linux proc(5) `cpu` line); None off Linux."""
-    def read():
+def busy_cores(window: float = 0.25, stat: str = "/proc/stat", cores: set | None = None) -> float | None:
+    """How many of the cores this process may run on (`cores`, default its affinity) other processes kept busy over
+    `window` seconds, from their `cpuN` lines in Linux proc(5); None where that file cannot be read."""
+    cores = allowed_cores() if cores is None else cores
+
+    def read():  # {core: (total jiffies, idle + iowait)} over user..steal (guest time is already in user)
+        out = {}
         with open(stat) as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total jiffies, idle + iowait
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    v = [int(x) for x in fields[:8]]
+                    out[int(name[3:])] = (sum(v), v[3] + v[4])
+        return out
 
     try:
-        (t0, i0), _ = read(), time.sleep(window)
-        t1, i1 = read()
-    except (OSError, ValueError, IndexError):
+        before, _ = read(), time.sleep(window)
+        after = read()
+    except (OSError, ValueError):
         return None
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    if not after:
+        return None
+    return sum(1 - (after[c][1] - before[c][1]) / max(after[c][0] - before[c][0], 1) for c in after if c in before)
 
 
 def choose_threads(requested: int | None = None, busy: float | None = None) -> int:
-    """`requested` if given; else the OMP_NUM_THREADS the user set; else the cores not busy with other work (at least 1).
-    Why: torch's OpenMP threads spin at every barrier, so one thread per core that another process also uses makes a
-    small model many times slower instead of twice; taking only idle cores keeps a loaded machine's slowdown graceful."""
+    """`requested` if given; else the OMP_NUM_THREADS the user set; else the cores not busy with other work (at least
+    1); under torchrun (LOCAL_WORLD_SIZE > 1) this process's share of its cores, unmeasured, since its sibling
+    processes are busy starting up at that moment. Why: torch's OpenMP threads spin at every barrier, so one thread
+    per core that another process also uses makes a small model many times slower instead of twice; taking only
+    idle cores keeps a loaded machine's slowdown graceful."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads must be >= 1, got {requested}")
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
         return int(os.environ["OMP_NUM_THREADS"])
+    cores, local = len(allowed_cores()), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1:
+        return max(1, cores // local)
     busy = busy_cores() if busy is None else busy
-    return usable_cores() if busy is None else max(1, min(usable_cores(), round(usable_cores() - busy)))
+    return cores if busy is None else max(1, min(cores, round(cores - busy)))
 
 
 def set_threads(requested: int | None = None) -> int:

@@ -381,9 +381,10 @@ def main(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the idle cores)")
     a = p.parse_args(argv)
+    if a.pretrain_steps < 0 or a.embed_steps < 0 or (a.threads is not None and a.threads < 1):
+        p.error(f"--pretrain-steps and --embed-steps must be >= 0 and --threads >= 1, got {a.pretrain_steps}, "
+                f"{a.embed_steps} and {a.threads}")
     set_threads(a.threads)  # hardware.py: a busy core shared by torch's spinning threads is a cliff
-    if a.pretrain_steps < 0 or a.embed_steps < 0:
-        p.error(f"--pretrain-steps and --embed-steps must be >= 0, got {a.pretrain_steps} and {a.embed_steps}")
     try:
         check_sizes(a.eval_queries, a.candidates, a.train)
     except ValueError as e:

@@ -625,18 +625,22 @@ def test_two_processes_give_the_numbers_of_one(synth_suite, tmp_path):
               "--first-stage", "embedder", "--embedder", str(synth_suite / "checkpoint"), "--dtype", "float32",
               "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = {}
-    for n in (1, 2):
+    out, sizes = {}, None
+    for run, (n, cache) in enumerate([(1, "cache1"), (2, "cache2"), (2, "cache1")]):  # last: torchrun on a done cache
         launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       "--nproc_per_node", "2"]
-        done = subprocess.run([*launcher, str(ROOT / "eval.py"), *common, "--json", str(tmp_path / f"p{n}.json"),
-                               "--cache-dir", str(tmp_path / f"cache{n}")], env=env, capture_output=True, text=True,
+        done = subprocess.run([*launcher, str(ROOT / "eval.py"), *common, "--json", str(tmp_path / f"p{run}.json"),
+                               "--cache-dir", str(tmp_path / cache)], env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        out[n] = json.loads((tmp_path / f"p{n}.json").read_text())
-        assert not list((tmp_path / f"cache{n}").glob("*.rank*")), "per-process cache files are merged away"
-    assert out[2]["config"]["processes"] == 2
+        out[run] = json.loads((tmp_path / f"p{run}.json").read_text())
+        assert not list((tmp_path / cache).glob("*.rank*")), "per-process cache files are merged away"
+        if run == 0:
+            sizes = {f.name: f.stat().st_size for f in (tmp_path / "cache1").glob("*.jsonl")}
+    # the finished single-process cache was read, not scored again and appended to
+    assert {f.name: f.stat().st_size for f in (tmp_path / "cache1").glob("*.jsonl")} == sizes
+    assert out[1]["config"]["processes"] == 2
     for part in ("datasets", "tasks", "groups", "overall"):
-        assert out[1][part] == out[2][part], part
-    for run in sorted((tmp_path / "p1.runs").glob("*.trec")):
-        assert run.read_text() == (tmp_path / "p2.runs" / run.name).read_text(), run.name
+        assert out[0][part] == out[1][part] == out[2][part], part
+    for run in sorted((tmp_path / "p0.runs").glob("*.trec")):
+        assert run.read_text() == (tmp_path / "p1.runs" / run.name).read_text(), run.name

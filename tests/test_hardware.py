@@ -22,22 +22,28 @@ def test_default_dtype_from_flags(flags, fast):
 
 def test_choose_threads_takes_the_idle_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(hardware, "allowed_cores", lambda: {0, 1})
     assert hardware.choose_threads(busy=0.0) == 2
     assert hardware.choose_threads(busy=0.9) == 1    # another process on one core: do not share it
     assert hardware.choose_threads(busy=2.0) == 1    # never fewer than one
     assert hardware.choose_threads(3, busy=2.0) == 3  # an explicit count wins
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert hardware.choose_threads(busy=0.0) == 1    # torchrun: this process's share, whatever the load
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert hardware.choose_threads(busy=2.0) == 2    # so does the user's environment
+    assert hardware.choose_threads(busy=2.0) == 2    # the user's environment wins
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         hardware.choose_threads(0)
 
 
-def test_busy_cores_reads_the_stat_delta(tmp_path, monkeypatch):
+def test_busy_cores_reads_the_allowed_cores_stat_delta(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
-    # user nice system idle iowait ...: 400 jiffies pass, 200 of them idle on a 2-core machine -> 1 core busy
-    stat.write_text("cpu  100 0 100 800 0 0 0 0 0 0\n")
-    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(hardware.time, "sleep", lambda s: stat.write_text("cpu  300 0 100 1000 0 0 0 0 0 0\n"))
-    assert hardware.busy_cores(stat=str(stat)) == pytest.approx(1.0)
-    assert hardware.busy_cores(stat=str(tmp_path / "missing")) is None
+    # per core: user nice system idle iowait irq softirq steal guest guest_nice. Over the window core 0 is fully
+    # busy (100 jiffies, none idle), core 1 idle (100 of 100), core 2 busy but not ours; the cpu line is ignored.
+    stat.write_text("cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0 0 0\ncpu1 0 0 0 200 0 0 0 0 0 0\n"
+                    "cpu2 0 0 0 0 0 0 0 0 0 0\nintr 5\n")
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: stat.write_text(
+        "cpu  9 9 9 9 9 9 9 9 9 9\ncpu0 200 0 0 100 0 0 0 0 50 0\ncpu1 0 0 0 300 0 0 0 0 0 0\n"
+        "cpu2 100 0 0 0 0 0 0 0 0 0\nintr 9\n"))
+    assert hardware.busy_cores(stat=str(stat), cores={0, 1}) == pytest.approx(1.0)
+    assert hardware.busy_cores(stat=str(tmp_path / "missing"), cores={0, 1}) is None

