@@ -22,6 +22,7 @@ from .embedding import Embedder, GroupEmbedder, mark_embedder, search
 from .losses import embedding_infonce_loss, next_token_loss
 from .metrics import write_run
 from .model import Qwen25VL
+from .pretrain import optimizer_step
 from .processor import Processor
 from .train_data import GlobalBatches, load_training_data
 
@@ -50,13 +51,7 @@ def train_embedder(model: Qwen25VL, processor: Processor, train_jsonl: str, step
         loss = embedding_infonce_loss(q, d, positive, temperature, exclude)
         if lm is not None:
             loss = loss + lm_weight * next_token_loss(*lm)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"embedder training: non-finite loss {loss.item()} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
+        history.append(optimizer_step(model, opt, loss, "embedder training", step))
     model.eval()
     return history
 

@@ -102,12 +102,17 @@ def pretrain(model: Qwen25VL, processor: Processor, steps: int, seed: int = 0, b
             group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch, labels = caption_batch(processor, [caption_example(rng, p_page) for _ in range(batch_size)])
         loss = F.cross_entropy(answer_logits(model, batch, labels), labels[labels != -100].to(model.head_weight.device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"caption pretraining: non-finite loss {loss.item()} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(loss.item())
+        history.append(optimizer_step(model, opt, loss, "caption pretraining", step))
     model.eval()
     return history
+
+
+def optimizer_step(model, opt, loss, what: str, step: int) -> float:
+    """Backward, clip the gradient norm at 1, step; a non-finite loss stops `what` at `step` before any update."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what}: non-finite loss {loss.item()} at step {step}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()

@@ -22,6 +22,7 @@ from minigmr.peft_io import save_adapter
 from minigmr.processor import Processor
 from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages
 from minigmr.scoring import Reranker
+from minigmr import st_export
 from minigmr.st_export import write_sentence_transformers_files
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
@@ -170,3 +171,8 @@ def test_real_vocabulary_and_a_checkpoint_with_its_own_templates(ckpt, tmp_path)
     assert got["input_ids"].tolist() == want["input_ids"].tolist()
     assert got["image_grid_thw"].tolist() == want["image_grid_thw"].tolist()
     torch.testing.assert_close(got["pixel_values"].float(), want["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_exported_fallback_template_is_the_official_one():
+    """Conversations that are not a (query, document) pair fall back to Qwen2.5-VL's own chat template, verbatim."""
+    assert st_export.QWEN25VL_TEMPLATE == QWEN25VL_CHAT_TEMPLATE
