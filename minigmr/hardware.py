@@ -1,6 +1,7 @@
 """The two defaults minigmr takes from the machine, each overridable: the dtype (bf16 where the CPU multiplies it fast)
 and the CPU thread count (the idle cores, not all cores). Both read the kernel, never guess from a vendor name."""
 
+import contextlib
 import os
 import time
 
@@ -87,3 +88,15 @@ def set_threads(requested: int | None = None) -> int:
     n = choose_threads(requested)
     torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int = 1):
+    """torch on exactly n CPU threads inside the block, then as before: float sums then run in one fixed order, so
+    what is trained inside is a pure function of the seed on a given CPU type, whatever the core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

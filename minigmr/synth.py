@@ -16,8 +16,8 @@ From the scenes of scenes.py (groups of coloured shapes, drawn, described in wor
 Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
 queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
 Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
-independently of PYTHONHASHSEED), so the same seed gives byte-identical files (the pretrained weights: on the same
-machine and thread count, since float summation order is the CPU kernels' business).
+independently of PYTHONHASHSEED), so the same seed gives byte-identical files; the trained weights (generated on one
+thread, whatever the core count) on the same CPU type only, since kernels of other instruction sets round differently.
 """
 import argparse
 import hashlib
@@ -33,7 +33,7 @@ from .config import Config, TextConfig, VisionConfig
 from .data import Item, read_json, write_dataset, write_json
 from .embedding import Embedder
 from .first_stage import save_embedder, train_embedder, write_first_stage
-from .hardware import set_threads
+from .hardware import pinned_threads
 from .metrics import rank
 from .model import Qwen25VL
 from .pretrain import caption_accuracy, pretrain
@@ -66,7 +66,7 @@ INIT_STD = 0.07
 PRETRAIN_STEPS = 2000
 N_HARD, N_DISTRACTORS = 8, 3  # per eval query: hard negatives, and random distractor documents in the corpus
 # Bumped whenever generation changes, so that an old world on disk is not silently reused (ensure_world).
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 # Steps of the world's first-stage embedder (first_stage.py; what it reaches: docs/experiments.md).
 EMBED_STEPS = 250
 # Strings of the GMR prompt (docs/gmr.md §1.3) and the Qwen chat format, so the tokenizer learns them too.
@@ -289,6 +289,7 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
 
 
 # ---------------------------------------------------------------------------------------------------- the whole world
+@pinned_threads(1)  # trained weights that do not depend on the machine's core count (hardware.pinned_threads)
 def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
                    n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS, first_stage: str = "embedder",
                    embed_steps: int = EMBED_STEPS) -> dict:
@@ -379,12 +380,9 @@ def main(argv=None):
     p.add_argument("--embed-steps", type=int, default=EMBED_STEPS,
                    help="training steps of the first-stage embedder; 0: the untrained checkpoint retrieves "
                         "(default: %(default)s)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the idle cores)")
     a = p.parse_args(argv)
-    if a.pretrain_steps < 0 or a.embed_steps < 0 or (a.threads is not None and a.threads < 1):
-        p.error(f"--pretrain-steps and --embed-steps must be >= 0 and --threads >= 1, got {a.pretrain_steps}, "
-                f"{a.embed_steps} and {a.threads}")
-    set_threads(a.threads)  # hardware.py: a busy core shared by torch's spinning threads is a cliff
+    if a.pretrain_steps < 0 or a.embed_steps < 0:
+        p.error(f"--pretrain-steps and --embed-steps must be >= 0, got {a.pretrain_steps} and {a.embed_steps}")
     try:
         check_sizes(a.eval_queries, a.candidates, a.train)
     except ValueError as e:

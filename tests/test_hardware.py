@@ -47,3 +47,20 @@ def test_busy_cores_reads_the_allowed_cores_stat_delta(tmp_path, monkeypatch):
         "cpu2 100 0 0 0 0 0 0 0 0 0\nintr 9\n"))
     assert hardware.busy_cores(stat=str(stat), cores={0, 1}) == pytest.approx(1.0)
     assert hardware.busy_cores(stat=str(tmp_path / "missing"), cores={0, 1}) is None
+
+
+def test_pinned_threads_sets_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+
+        @hardware.pinned_threads(1)
+        def inside():
+            return torch.get_num_threads()
+
+        assert inside() == 1 and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), hardware.pinned_threads(1):
+            raise RuntimeError("an error inside the block still restores the count")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
