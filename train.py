@@ -1,5 +1,4 @@
-"""
-Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit the query?") with SFT,
+"""Train a GMR reranker (Qwen2.5-VL answering "yes"/"no" to "does this document fit the query?") with SFT,
 InfoNCE, DPO or the unified reranking loss (docs/gmr.md §2, §6), or with --objective embed the first-stage embedder
 of minigmr/embedding.py (VladVA, docs/gmr.md §8). One file, read top to bottom, nanoGPT style.
 
@@ -25,20 +24,19 @@ incl. its image) once, then its 1+N documents on the prefix keys/values, the vis
 -> [z_yes, z_no] = h @ [M_yes; M_no]^T at the last position, (G, 1+N, 2) in fp32 -> the loss (losses.py): the maths
 of 1+N full prompts (tested) for less work, and the (B, S, vocab) logits are never built.
 
-What DPO means here (losses.dpo_loss): the chosen answer is "yes" for the positive and "no" for a negative; the
-reference policy is the starting model (with LoRA only: the same weights, adapters off). From the demo checkpoint,
-never asked yes/no, the reference's odds say nothing about relevance: DPO is then SFT with a weight
-beta * (1 - sigmoid(beta * margin)) that fades once the model is ~1/beta logits away (losses.dpo_weight_direction).
+DPO (losses.dpo_loss): the chosen answer is "yes" for the positive, "no" for a negative; the reference policy is the
+starting model (with LoRA only: the same weights, adapters off). From the demo checkpoint, never asked yes/no, DPO is
+SFT with a weight beta * (1 - sigmoid(beta * margin)) that fades ~1/beta logits away (losses.dpo_weight_direction).
 
-Outputs in --out (layout in minigmr/train_state.py): log.jsonl (one line per logged step), step-NNNNNN/ (the latest
+Outputs in --out (layout in minigmr/train_state.py): log.jsonl (a line per logged step: losses and how they reduce,
+mean W+ / W-, lr, gradient norm, speed, elapsed training time, --eval-every's held-out metric), step-NNNNNN/ (the latest
 checkpoint: adapter/ in peft format, trainable.safetensors for trained non-LoRA weights under their official names,
 the optimizer state, RNG states and settings; safetensors and JSON only, so --resume never unpickles) and merged/
 (the trained model in the official Qwen2.5-VL layout with the processor files: loads in eval.py --model,
 Qwen25VL.from_pretrained, transformers and, for a reranker, sentence-transformers' CrossEncoder).
 
-Bad input stops before any work where it can (flags, data, checkpoint, --resume), with `train.py: error:` and a
-message naming the flag, file, line or record; a flag the chosen --objective / --train mode does not read is an
-error when given. A non-finite loss, gradient norm or trained weight stops training before anything of that step
+Bad input stops before any work where it can (flags, data, checkpoint, --resume, --eval-suite), with `train.py:
+error:` and a message naming the flag, file, line or record; a given flag the run would not read is an error. A non-finite loss, gradient norm or trained weight stops training before anything of that step
 is saved, naming the last good checkpoint.
 
 Test hooks (tests/test_train.py), environment variables rather than options: MINIGMR_TEST_STOP_AFTER_STEP=K saves
@@ -47,6 +45,7 @@ MINIGMR_TEST_INJECT_NAN_WEIGHT_AT_STEP=K makes a trained weight NaN in step K's 
 """
 import contextlib
 import copy
+import json
 import math
 import os
 import random
@@ -70,8 +69,10 @@ from minigmr.processor import ImageProcessor, Processor
 from minigmr.scoring import PromptTooLong, group_logits
 from minigmr.st_export import write_sentence_transformers_files
 from minigmr.synth import ensure_world
-from minigmr.train_args import TRAIN_MODES, fill_step_defaults, flag_problems, parse_args
+from minigmr.train_args import LOSS_REDUCTION, TRAIN_MODES, fill_step_defaults, flag_problems, lr_at, model_score, \
+    parse_args
 from minigmr.train_data import GlobalBatches, load_training_data
+from minigmr.validation import Validation
 
 SYNTH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "synth")
 # The test hooks of the module docstring, read here and nowhere else.
@@ -140,9 +141,13 @@ if args.model is None or args.data is None:
     synth = ensure_world(SYNTH_DIR)
     args.model = args.model or synth["checkpoint"]
     args.data = args.data or synth["train"]
+    args.eval_suite = args.eval_suite or (synth["suite"] if args.eval_every else None)
 args.model, args.data = os.path.abspath(args.model), os.path.abspath(args.data)
-args.world_size = world_size
-args.global_batch = args.micro_batch * world_size * args.grad_accum
+score_type = model_score(args)  # how the trained model ranks: "cl" (z_yes) or "sft" (p(yes))
+with reported("--eval-suite: "):  # read now: a bad suite stops before training; only the master uses it
+    validation = Validation(args.eval_suite, args.eval_queries, args.eval_depth, score_type, args.max_length) \
+        if args.eval_every else None
+args.world_size, args.global_batch = world_size, args.micro_batch * world_size * args.grad_accum
 G = args.micro_batch  # groups per micro-batch
 with reported("--data: "):
     records = load_training_data(args.data)
@@ -269,16 +274,6 @@ def save(step):
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
-def lr_at(it):
-    """Learning rate of 0-based step `it`: linear warm-up, then cosine / linear decay to 0, or constant."""
-    if it < args.warmup_steps:
-        return args.lr * (it + 1) / (args.warmup_steps + 1)
-    progress = (it - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * (1 - progress) if args.schedule == "linear" else args.lr
-
-
 model.to(device)
 params = list(trainable.values())
 optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -296,6 +291,7 @@ if resumed is not None:
     print0(f"resumed from {last_saved} (step {start})")
 with reported("--resume: "):
     kept, torn = train_state.read_log(log_path, start)  # every process checks the log, the master rewrites it
+elapsed = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0  # wall time of the steps already done
 if torn and master:
     print(f"train.py: warning: {torn}", file=sys.stderr, flush=True)
 barrier()
@@ -330,7 +326,7 @@ shown = "sft_loss" if args.objective == "url" else "loss"
 bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=not master, desc=args.objective)
 for step in bar:
     t0 = time.time()
-    lr = lr_at(step - 1)
+    lr = lr_at(args, step - 1)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     with reported():
@@ -372,9 +368,15 @@ for step in bar:
              f"(loss {means['loss']:.6g}, gradient norm {grad_norm:.6g}, lr {lr:.6g}). Nothing was saved for this "
              f"step; last good checkpoint: {last_saved or 'none (none written yet)'}")
     dt = time.time() - t0
-    if master and step % args.log_every == 0:
-        line = {"step": step, **means, "lr": lr, "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt,
-                "tokens_per_s": totals["tokens"] / dt}
+    elapsed += dt
+    check = validation is not None and (step % args.eval_every == 0 or step == args.steps)
+    if master and (step % args.log_every == 0 or check):
+        line = {"step": step, **means, "loss_reduction": LOSS_REDUCTION[args.objective], "lr": lr,
+                "grad_norm": grad_norm, "groups_per_s": args.global_batch / dt, "tokens_per_s": totals["tokens"] / dt,
+                "elapsed_s": round(elapsed, 3)}  # training time only: the checks below are not counted
+        if check:
+            with autocast:
+                line.update(validation(model, processor))
         train_state.append_log(log_path, line)
         bar.set_postfix({shown: f"{line[shown]:.4f}", "w_pos": f"{line['w_pos']:.3f}", "lr": f"{lr:.2e}"})
     if step % args.save_every == 0 or step == args.steps or step == STOP_AFTER_STEP:
@@ -386,15 +388,13 @@ bar.close()
 
 if STOP_AFTER_STEP is None or STOP_AFTER_STEP >= args.steps:
     if master:
-        # InfoNCE (and the unified loss with the CL direction) only shapes z_yes: such a model ranks by z_yes
-        score = "cl" if args.objective == "infonce" or (args.objective == "url" and args.direction == "cl") else "sft"
-        merged = train_state.export_merged(model, args.out, args.model, score)
+        merged = train_state.export_merged(model, args.out, args.model, score_type)
         if args.objective == "embed":
             mark_embedder(merged)  # an embedder, not a reranker: eval.py --embedder reads it
         else:
             write_sentence_transformers_files(merged)  # CrossEncoder(merged) loads it too (st_export.py)
         print0(f"merged model written to {merged} " + ("(an embedder)" if args.objective == "embed" else
-                                                       f"(read with the {score} score)"))
+                                                       f"(read with the {score_type} score)"))
     barrier()
 if ddp:
     dist.destroy_process_group()

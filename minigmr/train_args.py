@@ -17,6 +17,13 @@ DEMO_LR = 5e-4
 DEFAULT_STEPS = {"sft": 2000, "infonce": 2000, "dpo": 1500, "url": 2000, "embed": 400}
 # What each --train mode trains besides the LoRA adapters (mark_only_lora_trainable's also_train prefixes).
 TRAIN_MODES = {"lora": (), "lora+projector": ("vision.merger.",), "lora+vision": ("vision.",), "full": None}
+# How each objective's logged "loss" reduces over the global batch (losses.py), written into every log line.
+LOSS_REDUCTION = {"sft": "sum over each group's 1+N documents, mean over groups",
+                  "infonce": "one (1+N)-way cross-entropy per group, mean over groups",
+                  "dpo": "sum over each group's 1+N documents, mean over groups",
+                  "url": "a surrogate, only its gradient means something; sft_loss: sum over each group's 1+N "
+                         "documents, mean over groups",
+                  "embed": "contrastive mean over queries + lm_weight x next-token mean over description tokens"}
 
 
 def build_parser(description=None):
@@ -98,6 +105,13 @@ def build_parser(description=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --out, bit-exactly as an uninterrupted run")
     parser.add_argument("--log-every", type=int, default=1, help="write a line to --out/log.jsonl every K steps")
+    parser.add_argument("--eval-every", type=int, default=0, help="every K steps (and at the last) rerank a small "
+                        "held-out slice (minigmr/validation.py) and log its main metric as val_<metric> (0: never)")
+    parser.add_argument("--eval-suite", default=None, help="--eval-every: the suite folder of that slice (default: "
+                        "the synthetic world's suite; a learning curve, not a model selector)")
+    parser.add_argument("--eval-queries", type=int, default=4, help="--eval-every: the first K queries of each dataset")
+    parser.add_argument("--eval-depth", type=int, default=30,
+                        help="--eval-every: rerank each query's first-stage top K candidates")
     return parser
 
 
@@ -126,7 +140,7 @@ def flag_problems(args, given, world_size):
               "cl_weight": (lambda v: v >= 0, ">= 0"), "lm_weight": (lambda v: v >= 0, ">= 0"),
               "tau": (lambda v: 0 <= v <= 1, "in [0, 1] (a probability threshold)"),
               "lora_rank": (lambda v: v >= 1, ">= 1"), "lora_alpha": (lambda v: v > 0, "> 0 (scaling = alpha / r)"),
-              "threads": (lambda v: v >= 1, ">= 1"),
+              "threads": (lambda v: v >= 1, ">= 1"), "eval_every": (lambda v: v >= 0, ">= 0 (0: never)"),
               "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
               "negatives": (lambda v: v >= 1, ">= 1 (a group ranks its positive against negatives)"),
               "hard_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "epochs": (lambda v: v > 0, "> 0"),
@@ -134,7 +148,8 @@ def flag_problems(args, given, world_size):
               "seed": (lambda v: 0 <= v <= 2 ** 32 - world_size, f"in 0..{2 ** 32 - world_size} (numpy seeds process "
                        "r with seed + r)"),
               **{name: (lambda v: v >= 1, ">= 1") for name in ("steps", "micro_batch", "grad_accum", "save_every",
-                                                                "log_every", "max_length")}}
+                                                                "log_every", "max_length", "eval_queries",
+                                                                "eval_depth")}}
     # Flags that only some objectives / --train modes read: {flag: (which runs read it, does this run)}.
     lora_read = ("--train lora, lora+projector or lora+vision", args.train != "full")
     read_by = {"temperature": ("--objective infonce, or url with --weight cl",
@@ -143,6 +158,9 @@ def flag_problems(args, given, world_size):
                **dict.fromkeys(("tau", "weight", "direction"), ("--objective url", args.objective == "url")),
                **dict.fromkeys(("embed_temperature", "cl_weight", "lm_weight"),
                                ("--objective embed", args.objective == "embed")),
+               **dict.fromkeys(("eval_suite", "eval_queries", "eval_depth"), ("--eval-every K > 0",
+                                                                              args.eval_every > 0)),
+               "eval_every": ("a reranking --objective (not embed)", args.objective != "embed"),
                **dict.fromkeys(("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "vision_lora_targets"),
                                lora_read)}
     problems = []
@@ -155,6 +173,10 @@ def flag_problems(args, given, world_size):
         if name in given and not read:
             problems.append(f"--{name.replace('_', '-')} is not read with --objective {args.objective} --train "
                             f"{args.train}, only with {where}; leave it out")
+    if args.eval_every > 0 and args.data is not None and args.eval_suite is None:
+        problems.append("--eval-every with --data needs --eval-suite (the default is the synthetic world's suite)")
+    if args.objective == "embed" and args.cl_weight == 0 and args.lm_weight == 0:
+        problems.append("--cl-weight 0 and --lm-weight 0: the embed objective would train on nothing")
     if args.steps is not None and args.epochs is not None:
         problems.append("give --steps or --epochs, not both")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -169,3 +191,19 @@ def fill_step_defaults(args, n_records):
         args.steps = math.ceil(args.epochs * n_records / args.global_batch)
     args.steps = DEFAULT_STEPS[args.objective] if args.steps is None else args.steps
     args.warmup_steps = round(0.05 * args.steps) if args.warmup_steps is None else args.warmup_steps
+
+
+def lr_at(args, it: int) -> float:
+    """Learning rate of 0-based step `it`: linear warm-up, then cosine / linear decay to 0, or constant."""
+    if it < args.warmup_steps:
+        return args.lr * (it + 1) / (args.warmup_steps + 1)
+    progress = (it - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * (1 - progress) if args.schedule == "linear" else args.lr
+
+
+def model_score(args) -> str:
+    """The score the trained model ranks by: InfoNCE (and url with the CL direction) only shapes z_yes, so "cl"
+    (z_yes); every other reranking objective "sft" (p(yes))."""
+    return "cl" if args.objective == "infonce" or (args.objective == "url" and args.direction == "cl") else "sft"

@@ -38,7 +38,7 @@ from .weights import to_hf
 # Settings a resumed run may change: they split the same global batch differently over processes, or only say
 # where and how often to write. Every other setting changes the trajectory and must match the checkpoint's.
 RESUME_FREE = {"resume", "save_every", "log_every", "out", "micro_batch", "grad_accum", "world_size",
-               "grad_checkpointing"}
+               "grad_checkpointing", "eval_every", "eval_suite", "eval_queries", "eval_depth"}  # watching only
 # Files of a checkpoint folder besides the weights that a processor / tokenizer needs; copied into merged/.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json",

@@ -24,6 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from minigmr import peft_io, train_state
+from minigmr.data import load_suite
+from minigmr.metrics import evaluate
+from minigmr.scoring import Reranker
 from minigmr.embedding import EMBEDDER_FILE, Embedder
 from minigmr.losses import yes_no_logits
 from minigmr.model import Qwen25VL
@@ -353,6 +356,14 @@ def test_a_failed_or_non_finite_update_saves_nothing(world, tmp_path, flags, hoo
     (["--lm-weight", "0", "--embed-temperature", "-1"], ["--embed-temperature -1.0: must be a finite number > 0",
                                                          "--embed-temperature is not read with --objective sft",
                                                          "--lm-weight is not read with --objective sft"]),
+    (["--eval-queries", "0", "--eval-depth", "5"], ["--eval-queries 0: must be >= 1", "--eval-queries is not read "
+     "with --objective sft --train lora, only with --eval-every K > 0", "--eval-depth is not read"]),
+    (["--eval-every", "2"], ["--eval-every with --data needs --eval-suite"]),
+    (["--eval-every", "-1"], ["--eval-every -1: must be >= 0 (0: never)"]),
+    (["--objective", "embed", "--cl-weight", "0", "--lm-weight", "0"],
+     ["--cl-weight 0 and --lm-weight 0: the embed objective would train on nothing"]),
+    (["--objective", "embed", "--eval-every", "2", "--eval-suite", "x"],
+     ["--eval-every is not read with --objective embed"]),
 ])
 def test_bad_flags_are_each_named_before_any_work(world, tmp_path, flags, errors):
     out, file = tmp_path / "out", tmp_path / "file"
@@ -363,6 +374,32 @@ def test_bad_flags_are_each_named_before_any_work(world, tmp_path, flags, errors
         assert error.format(file=file) in r.stderr, (error, r.stderr)
     assert r.stderr.count("\n  ") == len(errors) - 1  # one line per problem, nothing else refused
     assert not out.exists()  # nothing written
+
+
+def test_log_has_elapsed_time_reduction_and_the_held_out_check(world, tmp_path):
+    out = tmp_path / "watched"
+    train(world, out, "--objective", "infonce", "--steps", "3", "--eval-every", "2", "--eval-suite", world["suite"],
+          "--eval-depth", "5")
+    lines = log(out)
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(x["loss_reduction"] == "one (1+N)-way cross-entropy per group, mean over groups" for x in lines)
+    elapsed = [x["elapsed_s"] for x in lines]
+    assert 0 < elapsed[0] <= elapsed[1] <= elapsed[2]
+    assert "val_ndcg@10" not in lines[0]  # every 2 steps, and at the last
+    # 9 datasets x 2 queries (the world has 2 per dataset, fewer than the default 4); the metric as eval.py defines it
+    suite = load_suite(world["suite"])
+    for x in lines[1:]:
+        assert x["val_queries"] == 18 and 0 <= x["val_ndcg@10"] <= 1
+    # the check at the last step is the trained model's own: rerun it on the merged export with eval.py's metric
+    rr = Reranker.from_pretrained(str(out / "merged"), dtype=torch.float32)
+    per_dataset = []
+    for ds in suite:
+        run = {q: dict(zip(ds.candidates(q)[:5], rr.score(ds.queries[q].as_input(),
+                                                         [ds.corpus[d].as_input() for d in ds.candidates(q)[:5]],
+                                                         ds.instruction))) for q in sorted(ds.queries)[:4]}
+        per_dataset.append(evaluate({q: ds.qrels.get(q, {}) for q in run}, run, ["ndcg@10"])["ndcg@10"])
+    assert rr.score_type == "cl"  # InfoNCE ranks by z_yes, in the check as in eval.py
+    assert lines[2]["val_ndcg@10"] == pytest.approx(sum(per_dataset) / len(per_dataset), abs=1e-6)
 
 
 def _checkpoint_copy(world, tmp_path, edit):
