@@ -119,7 +119,15 @@ def corpus_embeddings(embed, ds, cache=None, chunk=256, bar=None):
             f.write(json.dumps({"key": key}) + "\n")
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            e = embed([ds.corpus[d].as_input() for d in part]).float()  # (chunk, D)
+            try:
+                e = embed([ds.corpus[d].as_input() for d in part]).float()  # (chunk, D)
+            except ValueError:
+                for d in part:  # the error names a position in the chunk: find the document, name it by its id
+                    try:
+                        embed([ds.corpus[d].as_input()])
+                    except ValueError as one:
+                        raise ValueError(f"{ds.name}: corpus document {d!r}: {one}") from None
+                raise
             if path:
                 f.write(json.dumps({"ids": part, "fp32": base64.b64encode(e.numpy().tobytes()).decode()}) + "\n")
                 f.flush()  # a crash loses at most the chunk being embedded

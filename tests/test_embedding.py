@@ -4,7 +4,9 @@ import pytest
 import torch
 from test_scoring import cases, ckpt, model_proc  # noqa: F401 (pytest fixtures)
 
+from minigmr.data import Dataset, Item
 from minigmr.embedding import Embedder, embed_messages, item_states, normalized, search
+from minigmr.eval_cache import corpus_embeddings
 from minigmr.metrics import rank
 from minigmr.prompt import as_item
 
@@ -105,3 +107,18 @@ def test_search_checks():
         search(torch.ones(1, 2), torch.ones(3, 2), ["a", "b", "c"], 0)
     with pytest.raises(ValueError, match="3 corpus embeddings but 2 doc ids"):
         search(torch.ones(1, 2), torch.ones(3, 2), ["a", "b"], 1)
+
+
+def test_a_corpus_document_the_embedder_refuses_is_named_by_dataset_and_id(tmp_path):
+    def embed(items):  # refuses like Embedder does: by position in the batch it was given
+        for i, item in enumerate(items):
+            if item.get("text") == "bad":
+                raise ValueError(f"document {i}: text refused")
+        return torch.ones(len(items), 4)
+    corpus = {f"d{k}": Item(f"d{k}", text="bad" if k == 5 else "fine") for k in range(8)}
+    ds = Dataset("toy", "T->T", "find", "ndcg@10", {}, corpus, {}, {}, str(tmp_path))
+    with pytest.raises(ValueError, match=r"^toy: corpus document 'd5': document 0: text refused$"):
+        corpus_embeddings(embed, ds, chunk=4)
+    ids, vectors = corpus_embeddings(embed, Dataset("ok", "T->T", "find", "ndcg@10", {}, {"a": Item("a", "x")}, {},
+                                                    {}, str(tmp_path)))
+    assert ids == ["a"] and vectors.shape == (1, 4)
