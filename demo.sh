@@ -30,8 +30,9 @@ python eval.py "${FIRST[@]}" --json "$OUT/untrained.json" > "$OUT/untrained.txt"
 grep "^Verdict" "$OUT/untrained.txt"
 
 step "3/4 train the reranker with SFT (runs/demo/sft)"
-# fewer steps than train.py's default, so that the whole demo fits its time budget (README, Quickstart)
-python train.py --objective sft --steps 1400 --out "$OUT/sft"
+# fewer steps than train.py's default, so that the whole demo fits its time budget (README, Quickstart); one thread:
+# the same trained weights on any core count (README, The synthetic world); 8 groups per forward, the same batch
+python train.py --objective sft --steps 1400 --threads 1 --micro-batch 8 --grad-accum 1 --out "$OUT/sft"
 
 step "4/4 the trained reranker on the same candidates; baseline = the untrained reranker"
 python eval.py "${FIRST[@]}" --model "$OUT/sft/merged" --json "$OUT/trained.json" --baseline "$OUT/untrained.json"

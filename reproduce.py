@@ -42,6 +42,7 @@ from minigmr.synth import ensure_world
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # quick: Table 1 within 30 minutes of a 2-core CPU, world generation included; full: every probe, about 3 hours
 MODES = {"quick": {"seeds": 3, "steps": 400}, "full": {"seeds": 3, "steps": 1000}}
+ALSO = "run.attributes.trec"  # where a suite has it (the synthetic world), runs are also evaluated on its candidates
 LOGGED = ("step", "loss", "sft_loss", "w_pos", "w_neg", "lr", "grad_norm", "elapsed_s")  # kept in the raw JSON
 
 
@@ -111,19 +112,22 @@ def slug(cell: str, seed: int) -> str:
 
 
 def commands(a, paths, cell, seed, work):
-    """(train.py argv, eval.py argv) of one run."""
+    """(train.py argv or None, {candidate set: eval.py argv}) of one run; cell None: the starting checkpoint."""
+    model = paths["model"] if cell is None else os.path.join(work, "train", "merged")
+    evaluate = {name: [sys.executable, os.path.join(ROOT, "eval.py"), "--data-dir", suite, "--model", model, "--dtype",
+                       a.eval_dtype, "--threads", str(a.threads_per_run), "--json",
+                       os.path.join(work, f"eval-{name}.json"), "--cache-dir", os.path.join(work, "cache")]
+                for name, suite in paths["suites"].items()}
+    if cell is None:
+        return None, evaluate
     weight, direction, negatives, tau = cell
     train = [sys.executable, os.path.join(ROOT, "train.py"), *reproduction.cell_flags(weight, direction, negatives, tau),
              "--model", paths["model"], "--data", paths["data"], "--steps", str(a.steps), "--seed", str(seed),
              "--threads", str(a.threads_per_run), "--out", os.path.join(work, "train"), "--save-every", str(a.steps)]
     if a.eval_every:
-        train += ["--eval-every", str(a.eval_every), "--eval-suite", paths["suite"], "--eval-queries",
+        train += ["--eval-every", str(a.eval_every), "--eval-suite", paths["suites"]["run.trec"], "--eval-queries",
                   str(a.eval_queries)]
-    train += paths["train_defaults"] + a.train_args
-    evaluate = [sys.executable, os.path.join(ROOT, "eval.py"), "--data-dir", paths["suite"], "--model",
-                os.path.join(work, "train", "merged"), "--dtype", a.eval_dtype, "--threads", str(a.threads_per_run),
-                "--json", os.path.join(work, "eval.json"), "--cache-dir", os.path.join(work, "cache")]
-    return train, evaluate
+    return train + paths["train_defaults"] + a.train_args, evaluate
 
 
 def run_one(a, paths, name, cell, seed):
@@ -131,8 +135,8 @@ def run_one(a, paths, name, cell, seed):
     out_json = os.path.join(a.out, "runs", slug(name, seed) + ".json")
     work = os.path.join(a.out, "work", slug(name, seed))
     train, evaluate = commands(a, paths, cell, seed, work)
-    config = {"train": train[2:], "eval": evaluate[2:]}  # without the interpreter and script paths
-    config = {k: [x.replace(work, "<run>") for x in v] for k, v in config.items()}
+    config = {"train": (train or [None] * 2)[2:], **{f"eval {k}": v[2:] for k, v in evaluate.items()}}
+    config = {k: [x.replace(work, "<run>") for x in v] for k, v in config.items()}  # no interpreter, no run folder
     if os.path.exists(out_json):
         have = read_json(out_json)
         if have.get("config") != config:
@@ -142,28 +146,49 @@ def run_one(a, paths, name, cell, seed):
     os.makedirs(work)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads_per_run)}
     seconds = {}
-    for what, argv in (("train", train), ("eval", evaluate)):
+    for what, argv in ([("train", train)] if train else []) + [(f"eval {k}", v) for k, v in evaluate.items()]:
         t0 = time.time()
-        with open(os.path.join(work, f"{what}.log"), "w") as log:
+        with open(os.path.join(work, what.replace(" ", "-") + ".log"), "w") as log:
             rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
         if rc != 0:
             raise RuntimeError(f"{name} seed {seed}: {what} failed (exit {rc}); its output: "
-                               f"{os.path.join(work, what + '.log')}")
+                               f"{os.path.join(work, what.replace(' ', '-') + '.log')}")
         seconds[what] = round(time.time() - t0, 1)
     log = [{k: line[k] for k in line if k in LOGGED or k.startswith("val_")}
-           for line in map(json.loads, open(os.path.join(work, "train", "log.jsonl")))]
-    res = read_json(os.path.join(work, "eval.json"))
-    weight, direction, negatives, tau = cell
+           for line in map(json.loads, open(os.path.join(work, "train", "log.jsonl")))] if train else []
+    weight, direction, negatives, tau = cell or (None,) * 4
     record = {"cell": name, "seed": seed, "weight": weight, "direction": direction, "negatives": negatives,
-              "tau": tau, "steps": a.steps, "config": config, "seconds": seconds, "machine": machine(),
-              "main_metric": {ds: r["main_metric"] for ds, r in res["datasets"].items()},
-              "per_query": {ds: {q: v[1] for q, v in r["per_query"].items()} for ds, r in res["datasets"].items()},
-              "first_stage": {ds: {q: v[0] for q, v in r["per_query"].items()} for ds, r in res["datasets"].items()},
-              "log": log}
+              "tau": tau, "steps": a.steps, "config": config, "seconds": seconds, "machine": machine(), "log": log}
+    for k in evaluate:  # the first candidate set is the primary one: per_query / first_stage at the top level
+        res = read_json(os.path.join(work, f"eval-{k}.json"))["datasets"]
+        numbers = {"main_metric": {ds: r["main_metric"] for ds, r in res.items()},
+                   "per_query": {ds: {q: v[1] for q, v in r["per_query"].items()} for ds, r in res.items()},
+                   "first_stage": {ds: {q: v[0] for q, v in r["per_query"].items()} for ds, r in res.items()}}
+        if k == "run.trec":
+            record.update(numbers)
+        else:
+            record.setdefault("also", {})[k] = numbers
     write_json(out_json, record)
     if not a.keep_checkpoints:
         shutil.rmtree(work)
     return record
+
+
+def suite_view(suite: str, run_file: str, out: str) -> str:
+    """A suite whose datasets rank `run_file` (e.g. run.attributes.trec) as their first stage: symlinks to every other
+    file of each dataset folder, so eval.py reads the same queries, corpus and images."""
+    for ds in sorted(os.listdir(suite)):
+        src = os.path.join(suite, ds)
+        if not os.path.isdir(src):
+            continue
+        dst = os.path.join(out, ds)
+        os.makedirs(dst, exist_ok=True)
+        for entry in os.listdir(src):
+            target = os.path.join(src, run_file if entry == "run.trec" else entry)
+            link = os.path.join(dst, entry)
+            if entry != run_file and not os.path.lexists(link):
+                os.symlink(target, link)
+    return out
 
 
 def figures(a, runs, summary):
@@ -173,8 +198,9 @@ def figures(a, runs, summary):
     except ImportError:
         print('figures skipped: pip install -e ".[plot]" for matplotlib, then rerun with --rebuild')
         return []
-    cells = sorted({r["cell"] for r in runs}, key=lambda c: (int(c.rsplit("N=", 1)[1]), c))
-    curves = {c: [r["log"] for r in runs if r["cell"] == c] for c in cells}
+    trained = [r for r in runs if r["log"]]
+    cells = sorted({r["cell"] for r in trained}, key=lambda c: (int(c.rsplit("N=", 1)[1]), c))
+    curves = {c: [r["log"] for r in trained if r["cell"] == c] for c in cells}
     made = [plot.draw_curves(curves, os.path.join(a.out, "weights.png"), title="mean over seeds")]
     fig5 = {}
     for c, res in summary["cells"].items():
@@ -197,15 +223,20 @@ def main(argv=None):
         world = ensure_world(a.world) if synthetic else {}
         paths = {"model": os.path.abspath(a.model or world["checkpoint"]),
                  "data": os.path.abspath(a.data or world["train"]),
-                 "suite": os.path.abspath(a.suite_dir or world["suite"]),
+                 "suites": {"run.trec": os.path.abspath(a.suite_dir or world["suite"])},
                  # the tiny model: every weight trains, as in the demo; 8 groups per forward (same batch, faster)
                  "train_defaults": ["--train", "full", "--micro-batch", "8", "--grad-accum", "1"] if a.model is None
                  else []}
+        suite = paths["suites"]["run.trec"]
+        if all(os.path.isfile(os.path.join(suite, d, ALSO)) for d in os.listdir(suite) if os.path.isdir(
+                os.path.join(suite, d))):  # the synthetic world's ablation first stage: a second set of candidates
+            paths["suites"][ALSO] = suite_view(suite, ALSO, os.path.join(os.path.abspath(a.out), "suite-" + ALSO))
         jobs = [(name, cell, seed) for seed in range(a.seeds) for name, cell in planned.items()]
         jobs.sort(key=lambda j: -j[1][2])  # the dearest (most negatives) first: the workers finish together
+        jobs.append((reproduction.UNTRAINED, None, 0))  # the reference: the starting checkpoint, evaluated once
         workers = a.workers or max(1, choose_threads() // a.threads_per_run)
-        print(f"{len(jobs)} runs ({len(planned)} cells x {a.seeds} seeds, {a.steps} steps each), {workers} side by "
-              f"side, {a.threads_per_run} thread(s) each; output in {a.out}")
+        print(f"{len(jobs) - 1} runs ({len(planned)} cells x {a.seeds} seeds, {a.steps} steps each) and the untrained "
+              f"reference, {workers} side by side, {a.threads_per_run} thread(s) each; output in {a.out}")
         with ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(run_one, a, paths, *j) for j in jobs]
             for f in tqdm(as_completed(futures), total=len(futures), desc="runs"):
@@ -221,9 +252,12 @@ def main(argv=None):
     if not runs:
         raise SystemExit(f"reproduce.py: error: no runs in {a.out}/runs")
     summary = reproduction.summarise(runs, a.negatives, tuple(a.fig5_negatives), a.tau)
+    others = sorted({k for r in runs for k in r.get("also", {})})
+    summary["also"] = {k: reproduction.summarise([{**r, **r["also"][k]} for r in runs if k in r.get("also", {})],
+                                                 a.negatives, tuple(a.fig5_negatives), a.tau) for k in others}
     previous = os.path.join(a.out, "summary.json")  # --rebuild keeps the wall time of the run that made the runs
     wall = read_json(previous)["meta"]["wall_seconds"] if a.rebuild and os.path.exists(previous) else None
-    meta = {"mode": a.mode, "what": f"{len({r['cell'] for r in runs})} cells, seeds "
+    meta = {"mode": a.mode, "what": f"{len({r['cell'] for r in runs} - {reproduction.UNTRAINED})} cells, seeds "
             f"{sorted({r['seed'] for r in runs})}, {runs[0]['steps']} steps per run",
             "paper_cells": reproduction.paper_numbers(a.negatives, a.tau), "runs": len(runs),
             "run_seconds": sum(sum(r["seconds"].values()) for r in runs), "machine": runs[0]["machine"],

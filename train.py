@@ -305,7 +305,7 @@ ddp_scorer = DDP(scorer, device_ids=[local_rank] if device_type == "cuda" else N
 ref_scorer = YesNoScorer(model if reference is None else reference, yes_no)
 
 
-def reference_logits(batch):
+def dpo_reference_logits(batch):
     """DPO's reference z (G, 1+N, 2): the frozen copy or, with LoRA only, the model with its adapters off."""
     with torch.no_grad(), autocast, disable_adapters(model) if reference is None else contextlib.nullcontext():
         return ref_scorer(batch)[0]
@@ -340,7 +340,7 @@ for step in bar:
         with ddp_scorer.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast, reported(f"{args.data}: "):
                 z, lengths = ddp_scorer(batch)
-            loss, w = objective(z, reference_logits(batch) if args.objective == "dpo" else None)
+            loss, w = objective(z, dpo_reference_logits(batch) if args.objective == "dpo" else None)
             if INJECT_NAN_AT_STEP == step:
                 loss = loss * float("nan")
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean

@@ -18,6 +18,7 @@ import numpy as np
 from .files import read_json
 
 BOOTSTRAP, SEED = 10000, 0
+UNTRAINED = "untrained"  # the reference run: the starting checkpoint evaluated as it is (its file also holds the first stage)
 TAU = 0.1  # the tau-mask's threshold: the paper does not report its value (docs/gmr.md §2.4), so this is ours
 
 
@@ -138,8 +139,14 @@ def verdict(ci95) -> str:
 
 def summarise(runs: list, negatives: int, fig5_negatives=(1, 2, 4, 8), tau: float = TAU) -> dict:
     """Every cell's number and every finding's contrast with its verdict, from the raw runs."""
+    refs = [r for r in runs if r["cell"] == UNTRAINED]
+    runs = [r for r in runs if r["cell"] != UNTRAINED]
     cells = sorted({r["cell"] for r in runs})
-    out = {"cells": {c: contrast(runs, {c: 1}) for c in cells}, "findings": []}
+    out = {"reference": {}, "cells": {c: contrast(runs, {c: 1}) for c in cells}, "findings": []}
+    if refs:  # the first stage and the untrained reranker, for scale (no finding uses them)
+        first = [{**refs[0], "cell": "first stage", "per_query": refs[0]["first_stage"]}]
+        out["reference"] = {"first stage (the candidates' order)": contrast(first, {"first stage": 1}),
+                            "untrained reranker (the starting checkpoint)": contrast(refs, {UNTRAINED: 1})}
     for name, coefs, paper in findings(negatives, fig5_negatives, tau):
         if all(c in cells for c in coefs):
             res = contrast(runs, coefs)
@@ -153,29 +160,40 @@ def fmt(x: float, ci=None, scale: float = 100) -> str:
     return text if ci is None else f"{text} [{ci[0] * scale:+.2f}, {ci[1] * scale:+.2f}]"
 
 
+def block(summary: dict, paper: dict) -> list:
+    """The markdown lines of one candidate set: cells beside the paper's numbers, findings with verdicts, resolution."""
+    lines = ["| cell | seeds | ours | paper |", "|---|---|---|---|"]
+    interval = lambda r: f"{r['estimate'] * 100:.2f} [{r['ci95'][0] * 100:.2f}, {r['ci95'][1] * 100:.2f}]"
+    for name, res in summary.get("reference", {}).items():
+        lines.append(f"| *{name}* | - | {interval(res)} | |")
+    for name, res in summary["cells"].items():
+        if res is not None:
+            lines.append(f"| {name} | {len(res['seeds'])} | {interval(res)} | {paper.get(name, '')} |")
+    lines += ["", "| finding | ours: difference [95% CI] | paper | verdict |", "|---|---|---|---|"]
+    for f in summary["findings"]:
+        value = f"{f['paper']:+.2f}" if isinstance(f["paper"], float) else f["paper"]
+        lines.append(f"| {f['finding']} | {fmt(f['estimate'], f['ci95'])} | {value} | **{f['verdict']}** |")
+    widths = [f["half_width"] * 100 for f in summary["findings"]]
+    spread = [f["seed_sd"] * 100 for f in summary["findings"] if f["seed_sd"] is not None]
+    if widths:
+        lines += ["", f"Resolution: the findings' 95% intervals have half-widths {min(widths):.2f} to "
+                  f"{max(widths):.2f} points; a smaller true difference cannot be told from zero here."]
+    if spread:
+        lines.append(f"Seed-to-seed spread: the sd over seeds of a finding's difference is {min(spread):.2f} to "
+                     f"{max(spread):.2f} points.")
+    return lines
+
+
 def markdown(summary: dict, meta: dict) -> str:
-    """The result table: cells (nDCG@10 x 100 beside the paper's MRB average), then findings with verdicts."""
+    """The result table of every candidate set: nDCG@10 x 100 beside the paper's MRB averages, findings, verdicts."""
     lines = [f"# The paper in miniature ({meta['mode']} mode)", "",
              f"{meta['what']}. Every number: main metric (nDCG@10) x 100, mean over seeds and queries, 95% two-way "
              "bootstrap interval over seeds and queries (minigmr/reproduction.py). The paper's numbers are MRB "
              "averages of 3B/7B models (arXiv 2510.14824 Tables 1-2, Figure 5): compare orderings and signs, not "
-             "levels.", "", "| cell | seeds | ours | paper |", "|---|---|---|---|"]
-    for name, res in summary["cells"].items():
-        if res is not None:
-            ci = f"{res['estimate'] * 100:.2f} [{res['ci95'][0] * 100:.2f}, {res['ci95'][1] * 100:.2f}]"
-            lines.append(f"| {name} | {len(res['seeds'])} | {ci} | {meta['paper_cells'].get(name, '')} |")
-    lines += ["", "| finding | ours: difference [95% CI] | paper | verdict |", "|---|---|---|---|"]
-    for f in summary["findings"]:
-        paper = f"{f['paper']:+.2f}" if isinstance(f["paper"], float) else f["paper"]
-        lines.append(f"| {f['finding']} | {fmt(f['estimate'], f['ci95'])} | {paper} | **{f['verdict']}** |")
-    widths = [f["half_width"] * 100 for f in summary["findings"]]
-    sds = [r["seed_sd"] * 100 for r in summary["cells"].values() if r and r["seed_sd"] is not None]
-    if widths:
-        lines += ["", f"Resolution: the findings' 95% intervals have half-widths {min(widths):.2f} to "
-                  f"{max(widths):.2f} points; a smaller true difference cannot be told from zero in this mode."]
-    if sds:
-        lines.append(f"Seed-to-seed spread: the sd over seeds of a cell's number is {min(sds):.2f} to {max(sds):.2f} "
-                     "points (mean over its queries).")
+             "levels.", "", "## Reranking the suite's first stage (run.trec)", ""]
+    lines += block(summary, meta["paper_cells"])
+    for name, other in summary.get("also", {}).items():
+        lines += ["", f"## Reranking the candidates of {name}", ""] + block(other, meta["paper_cells"])
     wall = f"{meta['wall_seconds'] / 60:.1f} min" if meta.get("wall_seconds") is not None else "not recorded"
     lines += ["", f"Runs: {meta['runs']}, their training and evaluation {meta['run_seconds'] / 60:.1f} min summed; "
               f"the whole command {wall} (world generation included when it ran), on {meta['machine']}."]

@@ -88,8 +88,9 @@ def test_smooth_is_a_trailing_moving_average():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    # the embedder first stage (2 steps): run.trec is the embedder's, run.attributes.trec the second candidate set
     return generate_world(str(tmp_path_factory.mktemp("world")), n_eval_queries=2, n_candidates=10, n_train=24,
-                          pretrain_steps=0, first_stage="attributes")
+                          pretrain_steps=0, embed_steps=2)
 
 
 def reproduce(world, out, *extra):
@@ -106,19 +107,29 @@ def test_the_command_end_to_end_at_toy_size(world, tmp_path):
     reproduce(world, out, "--", "--lr", "1e-3")
     runs = sorted(os.listdir(out / "runs"))
     assert runs == ["W_CL_D_CL_N4-seed0.json", "W_CL_D_SFT_N4-seed0.json", "W_SFT_D_CL_N4-seed0.json",
-                    "W_SFT_D_SFT_N4-seed0.json"]
+                    "W_SFT_D_SFT_N4-seed0.json", "untrained-seed0.json"]
     assert not (out / "work").exists()  # checkpoints deleted once their numbers are kept
-    raw = json.loads((out / "runs" / runs[-1]).read_text())
+    raw = json.loads((out / "runs" / runs[-2]).read_text())
     assert raw["weight"] == raw["direction"] == "sft" and raw["negatives"] == 4 and raw["seed"] == 0
     assert [x["step"] for x in raw["log"]] == [1, 2] and "val_ndcg@10" in raw["log"][-1]
     assert sum(len(q) for q in raw["per_query"].values()) == 18  # 9 datasets x 2 queries, each one number
     assert "--lr" in raw["config"]["train"] and "1e-3" in raw["config"]["train"]
+    untrained = json.loads((out / "runs" / runs[-1]).read_text())
+    assert untrained["log"] == [] and untrained["config"]["train"] == [] and world["checkpoint"] in \
+        untrained["config"]["eval run.trec"]  # the starting checkpoint, evaluated as it is
+    # every run is evaluated twice: on run.trec (the embedder's) and on run.attributes.trec's candidates
+    also = raw["also"]["run.attributes.trec"]
+    assert set(also["per_query"]) == set(raw["per_query"]) and also["first_stage"] != raw["first_stage"]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["findings"]) == 4
+    assert len(summary["findings"]) == 4 and len(summary["cells"]) == 4
+    first_stage = [v for ds in untrained["first_stage"].values() for v in ds.values()]
+    assert summary["reference"]["first stage (the candidates' order)"]["estimate"] == \
+        pytest.approx(np.mean(first_stage))  # 2 queries in each dataset: the macro mean is the plain mean
     for f in summary["findings"]:
         assert f["verdict"] == reproduction.verdict(f["ci95"])
     table = (out / "results.md").read_text()
     assert "| W_SFT+D_SFT N=4 | 1 |" in table and "58.09" in table
+    assert "## Reranking the candidates of run.attributes.trec" in table and len(summary["also"]) == 1
     assert all(f"**{f['verdict']}**" in table for f in summary["findings"])
     pytest.importorskip("matplotlib")
     assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
