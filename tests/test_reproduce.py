@@ -104,7 +104,7 @@ def reproduce(world, out, *extra):
 
 def test_the_command_end_to_end_at_toy_size(world, tmp_path):
     out = tmp_path / "rep"
-    reproduce(world, out, "--", "--lr", "1e-3")
+    reproduce(world, out, "--second-candidates", "--", "--lr", "1e-3")
     runs = sorted(os.listdir(out / "runs"))
     assert runs == ["W_CL_D_CL_N4-seed0.json", "W_CL_D_SFT_N4-seed0.json", "W_SFT_D_CL_N4-seed0.json",
                     "W_SFT_D_SFT_N4-seed0.json", "untrained-seed0.json"]
@@ -135,7 +135,7 @@ def test_the_command_end_to_end_at_toy_size(world, tmp_path):
     assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same command again trains nothing (every run's JSON is there), and --rebuild gives the same numbers
     mtimes = {f: os.path.getmtime(out / "runs" / f) for f in runs}
-    again = reproduce(world, out, "--", "--lr", "1e-3")
+    again = reproduce(world, out, "--second-candidates", "--", "--lr", "1e-3")
     assert "runs: 100%" in again.stderr and {f: os.path.getmtime(out / "runs" / f) for f in runs} == mtimes
     reproduce(world, out, "--rebuild")
     rebuilt = json.loads((out / "summary.json").read_text())
