@@ -184,7 +184,6 @@ def plot(path, maps, picture):
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.4))
     x0, y0, x1, y1 = POSITIONS[picture["group"].position][1]
     for ax, (title, img) in zip(axes, [("picture", picture["image"])] + list(maps.items())):
-        h, w = (img.height, img.width) if title == "picture" else (len(img), len(img[0]))
         ax.imshow(img, cmap=None if title == "picture" else "magma", extent=(0, 1, 1, 0))
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", lw=1.5))
         ax.set_title(title, fontsize=9)

@@ -52,6 +52,13 @@ def labels(pictures: list, attribute: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ features
+def to_grid(blocks, gh: int, gw: int, merge: int = 2) -> torch.Tensor:
+    """(gh*gw/merge², merge², D) blocks in raster order, patches row-major in a block (the processor's row order,
+    vision.rotary_position_ids) -> (gh, gw, D), the picture's patch grid."""
+    b = blocks.reshape(gh // merge, gw // merge, merge, merge, -1)  # (bh, bw, mh, mw, D)
+    return b.permute(0, 2, 1, 3, 4).reshape(gh, gw, -1)
+
+
 @torch.no_grad()
 def tower_features(vision, image_processor: ImageProcessor, images: list, batch: int = 32) -> list:
     """Per image: (merged (gh/2 * gw/2, out) in raster order, patches (gh, gw, D) the ViT's last block's output).
@@ -73,8 +80,7 @@ def tower_features(vision, image_processor: ImageProcessor, images: list, batch:
             offset = 0
             for _, gh, gw in grid.tolist():
                 n = gh * gw // (merge * merge)
-                b = blocks[offset:offset + n].reshape(gh // merge, gw // merge, merge, merge, d)  # (bh, bw, mh, mw, D)
-                out.append((merged[offset:offset + n], b.permute(0, 2, 1, 3, 4).reshape(gh, gw, d)))
+                out.append((merged[offset:offset + n], to_grid(blocks[offset:offset + n], gh, gw, merge)))
                 offset += n
     finally:
         hook.remove()
