@@ -86,8 +86,9 @@ def test_transplant_keeps_the_arm_tower_bit_identical_and_reinitialises_the_merg
         assert torch.equal(tower(init)[n], t), n
     for n, t in init.vision.merger.state_dict().items():
         assert torch.equal(t, fresh[n]), n
-        if n != "norm.weight":  # RMSNorm starts at ones in every init
+        if n in ("fc1.weight", "fc2.weight"):  # norms start at ones and biases at zeros in every init
             assert not torch.equal(t, base.vision.merger.state_dict()[n]), n
+            assert not torch.equal(t, arm.vision.merger.state_dict()[n]), n
     assert torch.equal(init.text.embed_tokens.weight, base.text.embed_tokens.weight)
 
     cmd = pivot.train_cmd(str(tmp_path / "init"), world["train"], str(tmp_path / "run"), "sft", "lora+projector",
