@@ -42,7 +42,7 @@ OBJECTIVES = ("sft", "dpo", "infonce")
 ARMS = ("base",) + OBJECTIVES
 COMPARE = (("dpo", "sft"), ("sft", "base"), ("dpo", "base"), ("infonce", "base"))
 # quick: several seeds in about 30 minutes on a 2-core CPU; full: the sharper comparison (docs/experiments.d/pivot.md)
-PRESETS = {"quick": dict(seeds=[0, 1, 2], arm_steps=200, transplant_steps=150, probe_train=300, probe_test=300),
+PRESETS = {"quick": dict(seeds=[0, 1, 2], arm_steps=150, transplant_steps=100, probe_train=300, probe_test=300),
            "full": dict(seeds=[0, 1, 2, 3, 4], arm_steps=1500, transplant_steps=1000, probe_train=2000,
                         probe_test=1000)}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
