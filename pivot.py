@@ -26,7 +26,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
 from minigmr.files import read_json, write_json
 from minigmr.hardware import set_threads
@@ -41,7 +40,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("sft", "dpo", "infonce")
 ARMS = ("base",) + OBJECTIVES
 COMPARE = (("dpo", "sft"), ("sft", "base"), ("dpo", "base"), ("infonce", "base"))
-# quick: several seeds in about 30 minutes on a 2-core CPU; full: the sharper comparison (docs/experiments.d/pivot.md)
+# quick: three seeds and small budgets; full: the sharper comparison (costs: docs/experiments.d/pivot.md)
 PRESETS = {"quick": dict(seeds=[0, 1, 2], arm_steps=150, transplant_steps=100, probe_train=300, probe_test=300),
            "full": dict(seeds=[0, 1, 2, 3, 4], arm_steps=1500, transplant_steps=1000, probe_train=2000,
                         probe_test=1000)}
