@@ -26,7 +26,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
 from minigmr.files import read_json, write_json
 from minigmr.hardware import set_threads
 from minigmr.model import Qwen25VL
