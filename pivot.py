@@ -219,9 +219,9 @@ def main(argv=None):
         ap.error("--arm-steps, --transplant-steps, --probe-train, --probe-test and --jobs must be >= 1, --seeds "
                  "distinct")
     if a.world is None:
-        w = ensure_world(os.path.join("data", "synth"))
+        w = ensure_world(os.path.abspath(os.path.join("data", "synth")))  # absolute: the subprocesses run in ROOT
     elif os.path.isfile(os.path.join(a.world, "world.json")):
-        w = world_paths(a.world)
+        w = world_paths(os.path.abspath(a.world))
     else:
         ap.error(f"--world {a.world}: no world.json there (python -m minigmr.synth --out {a.world} writes one)")
     out, start = os.path.abspath(a.out), time.time()
