@@ -4,7 +4,8 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minigmr"
-SCRIPTS = [ROOT / "train.py", ROOT / "eval.py", ROOT / "bench.py", *sorted((ROOT / "tools").glob("*.py"))]
+SCRIPTS = [ROOT / "train.py", ROOT / "eval.py", ROOT / "bench.py", ROOT / "pivot.py",
+           *sorted((ROOT / "tools").glob("*.py"))]
 ORACLES = {"transformers", "peft", "pytrec_eval"}  # the tests' references: the library never imports them
 
 
