@@ -8,6 +8,8 @@
     trains nothing; --rebuild gives the same summary
   - python -m minigmr.plot draws any train.py folder's curves
 """
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +22,9 @@ from minigmr import plot, reproduction
 from minigmr.synth import generate_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "reproduce.py"))
+reproduce_script = importlib.util.module_from_spec(_spec)  # a script at the repository root, not a package module
+_spec.loader.exec_module(reproduce_script)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -79,6 +84,19 @@ def test_summary_computes_every_finding_whose_cells_ran():
         assert f["estimate"] == pytest.approx(expected)
     quick = reproduction.summarise([r for r in runs if r["cell"] in reproduction.plan("quick", n)], n, (1, 4))
     assert len(quick["findings"]) == 4  # Table 2 and Figure 5 need cells the quick mode does not run
+
+
+def test_full_mode_figures_draw_the_weights_and_the_negatives_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    cells = reproduction.plan("full", 4, (1, 4))
+    runs = fake_runs({c: (lambda s, d, q, k=k: 0.1 * k + 0.01 * q) for k, c in enumerate(cells)})
+    for r in runs:
+        r.update(dict(zip(("weight", "direction", "negatives", "tau"), cells[r["cell"]])))
+        r["log"] = [{"step": k, "sft_loss": 2.0 / k, "w_pos": 0.8 / k, "w_neg": 0.2 / k} for k in (1, 2, 3)]
+    summary = reproduction.summarise(runs, 4, (1, 4))
+    made = reproduce_script.figures(argparse.Namespace(out=str(tmp_path)), runs, summary)
+    assert [os.path.basename(m) for m in made] == ["weights.png", "negatives.png"]
+    assert all(open(m, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for m in made)
 
 
 def test_smooth_is_a_trailing_moving_average():
