@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 OBJECTIVES = ("sft", "dpo", "infonce")
 ARMS = ("base",) + OBJECTIVES
 COMPARE = (("dpo", "sft"), ("sft", "base"), ("dpo", "base"), ("infonce", "base"))
-# quick: three seeds and small budgets; full: the sharper comparison (costs: docs/experiments.d/pivot.md)
+# quick: three seeds and small budgets; full: the sharper comparison (costs: docs/experiments.md, PIVOT in miniature)
 PRESETS = {"quick": dict(seeds=[0, 1, 2], arm_steps=150, transplant_steps=100, probe_train=300, probe_test=300),
            "full": dict(seeds=[0, 1, 2, 3, 4], arm_steps=1500, transplant_steps=1000, probe_train=2000,
                         probe_test=1000)}
