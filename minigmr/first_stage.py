@@ -76,10 +76,27 @@ def retrieve(embedder: Embedder, ds, k: int) -> dict:
 
 def write_first_stage(embedder: Embedder, dataset_dir: str, k: int, tag: str = "synth-embedder") -> dict:
     """Replace a written dataset's run.trec by the embedder's top k (the formula's run stays in
-    run.attributes.trec, for the ablation) and return the new run."""
+    run.attributes.trec, for the ablation) and return the new run. Run again after an interruption, it redoes the
+    same work: the formula's run is moved aside only once."""
     ds = load_dataset(dataset_dir)
     run = retrieve(embedder, ds, k)
-    os.replace(os.path.join(dataset_dir, "run.trec"), os.path.join(dataset_dir, "run.attributes.trec"))
+    if not os.path.exists(attributes := os.path.join(dataset_dir, "run.attributes.trec")):
+        os.replace(os.path.join(dataset_dir, "run.trec"), attributes)
     write_run(os.path.join(dataset_dir, "run.trec"), run, tag)
     return run
+
+
+def build_first_stage(checkpoint: str, train_jsonl: str, out: str, dataset_dirs: list, k: int, steps: int,
+                      seed: int = 0) -> dict:
+    """The world's first stage: the checkpoint trained into an embedder for `steps` AdamW steps (0: untrained),
+    saved to `out`, then each dataset's run.trec replaced by its top k. Returns what world.json records of it."""
+    model, processor = Qwen25VL.from_pretrained(checkpoint), Processor.from_pretrained(checkpoint)
+    with torch.random.fork_rng(devices=[]):  # a pure function of the seed, whatever ran before in this process
+        torch.manual_seed(seed)
+        losses = train_embedder(model, processor, train_jsonl, steps, seed) if steps else []
+    save_embedder(model, checkpoint, out)
+    for dataset_dir in dataset_dirs:
+        write_first_stage(Embedder(model, processor), dataset_dir, k)
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None
+    return {"embed_steps": steps, "embedder": {"loss_first_20": mean(losses[:20]), "loss_last_20": mean(losses[-20:])}}
 

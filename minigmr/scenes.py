@@ -6,8 +6,11 @@ as a small "document screenshot" (a white page of text in PIL's built-in bitmap 
 a checkpoint from these; pretrain.py teaches the checkpoint to caption them. Randomness always comes from the
 `rng` (a random.Random) the caller passes, so a scene is a pure function of its caller's seed.
 """
+import hashlib
 import itertools
 import math
+import os
+import random
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
@@ -133,3 +136,17 @@ def draw_page(text: str, rng) -> Image.Image:
     for i, line in enumerate(lines):
         d.text((4, 18 + 12 * i), line, fill=(0, 0, 0), font=font)
     return img
+
+
+def picture_saver(folder: str, stream: str):
+    """`picture(key, draw) -> path relative to folder`. The file name is an opaque hash of the key (so it does
+    not leak the attributes), and draw's randomness comes from the key alone: same key, same picture, saved once."""
+    done = set()
+
+    def picture(key: str, draw) -> str:
+        name = "images/" + hashlib.sha1(f"{stream}/{key}".encode()).hexdigest()[:16] + ".png"
+        if name not in done:
+            draw(random.Random(f"{stream}/{key}")).save(os.path.join(folder, name))
+            done.add(name)
+        return name
+    return picture

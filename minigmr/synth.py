@@ -9,18 +9,15 @@ From the scenes of scenes.py (groups of coloured shapes, drawn, described in wor
   (c) a tiny Qwen2.5-VL checkpoint in the official layout, with a BPE tokenizer trained on the world, random-init
       and then caption-pretrained on the world's pictures (pretrain.py; it never sees a yes/no answer);
   (d) the suite's first stage, as MRB's is GME's top 100: that checkpoint trained into an embedder on (b)
-      (first_stage.py, embedding.py; saved in embedder/), whose top `n_candidates` per query are each run.trec.
-      The ablation `first_stage="attributes"` (--first-stage attributes) keeps a formula instead: weighted overlap
-      of the documents' true attributes + noise, which no real retriever has; with the embedder it is kept in
-      run.attributes.trec for comparison.
+      (first_stage.py; saved in embedder/), whose top `n_candidates` per query are each run.trec. The ablation
+      --first-stage attributes keeps a formula instead (the true attributes' overlap + noise, which no real
+      retriever has); with the embedder it is kept in run.attributes.trec for comparison.
 Retrieval is not trivial: each query's hard negatives differ from its positive in exactly one attribute, and some
 queries also have a grade-1 "partial" document that shows the target group plus a second, different group.
 Everything is a pure function of the seed (str-seeded random.Random streams, which Python hashes with SHA-512
-independently of PYTHONHASHSEED), so the same seed gives byte-identical files; the trained weights (generated on one
-thread, whatever the core count) on the same CPU type only, since kernels of other instruction sets round differently.
+independently of PYTHONHASHSEED); trained weights are byte-identical on the same CPU type only (one thread, README).
 """
 import argparse
-import hashlib
 import itertools
 import json
 import os
@@ -31,8 +28,7 @@ import torch
 
 from .config import Config, TextConfig, VisionConfig
 from .data import Item, read_json, write_dataset, write_json
-from .embedding import Embedder
-from .first_stage import save_embedder, train_embedder, write_first_stage
+from .first_stage import build_first_stage
 from .hardware import pinned_threads
 from .metrics import rank
 from .model import Qwen25VL
@@ -40,7 +36,7 @@ from .pretrain import caption_accuracy, pretrain
 from .processor import DEFAULT_SYSTEM_PROMPT, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Processor
 from .prompt import DEFAULT_INSTRUCTION, SYSTEM_PROMPT
 from .scenes import (ALL_GROUPS, ATTRIBUTES, EDITS, OPPOSITE, TEMPLATES, VALUES, Group, draw_page, draw_scene,
-                     fields, grade, mutate)
+                     fields, grade, mutate, picture_saver)
 from .tokenizer import train_bpe_tokenizer
 
 TASKS = {  # dataset: (MRB task type, query kind, document kind, instruction in GME/MTEB style, docs/gmr.md §1.4)
@@ -75,20 +71,6 @@ PROMPT_STRINGS = (SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT, DEFAULT_INSTRUCTION, "<I
 
 
 # ---------------------------------------------------------------------------------------------------- task builders
-def picture_saver(folder: str, stream: str):
-    """`picture(key, draw) -> path relative to folder`. The file name is an opaque hash of the key (so it does
-    not leak the attributes), and draw's randomness comes from the key alone: same key, same picture, saved once."""
-    done = set()
-
-    def picture(key: str, draw) -> str:
-        name = "images/" + hashlib.sha1(f"{stream}/{key}".encode()).hexdigest()[:16] + ".png"
-        if name not in done:
-            draw(random.Random(f"{stream}/{key}")).save(os.path.join(folder, name))
-            done.add(name)
-        return name
-    return picture
-
-
 def render(kind: str, item: dict, rng, picture, variant) -> dict:
     """One query or document of a given kind as {"text"?, "image"?}. `variant` picks one of the renderings."""
     groups, out = item["groups"], {}
@@ -265,8 +247,8 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
     write_json(os.path.join(folder, "preprocessor_config.json"), {  # as transformers' Qwen2VLImageProcessor saves it
         "min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28, "patch_size": 14, "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-        "do_convert_rgb": True, "do_resize": True,
-        "do_rescale": True, "do_normalize": True, "resample": 3, "rescale_factor": 1 / 255,
+        "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
+        "rescale_factor": 1 / 255,
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
     record = {"steps": pretrain_steps}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
@@ -292,33 +274,39 @@ def write_tiny_checkpoint(folder: str, seed: int = 0, tokenizer_vocab: int = 600
 @pinned_threads(1)  # trained weights that do not depend on the machine's core count (hardware.pinned_threads)
 def generate_world(out_dir: str, seed: int = 0, n_eval_queries: int = 24, n_candidates: int = 30,
                    n_train: int = 3000, pretrain_steps: int = PRETRAIN_STEPS, first_stage: str = "embedder",
-                   embed_steps: int = EMBED_STEPS) -> dict:
-    """Write suite/, train/train.jsonl, checkpoint/ and, with the embedder first stage, embedder/ under out_dir
-    (plus world.json, written last). embed_steps=0: the untrained checkpoint retrieves (an ablation)."""
+                   embed_steps: int = EMBED_STEPS, stage: str = "all") -> dict:
+    """Write suite/, train/train.jsonl, checkpoint/, embedder/ (the embedder first stage; embed_steps=0: untrained)
+    and world.json under out_dir. stage="base" stops before the first stage (world.json's first_stage null;
+    complete_world adds it), so that a reranker can train on the checkpoint while the embedder does (demo.sh)."""
     check_sizes(n_eval_queries, n_candidates, n_train)
-    if first_stage not in ("embedder", "attributes"):
-        raise ValueError(f"first_stage (--first-stage) must be 'embedder' or 'attributes', got {first_stage!r}")
+    if first_stage not in ("embedder", "attributes") or stage not in ("base", "all"):
+        raise ValueError(f"first_stage (--first-stage) must be 'embedder' or 'attributes' and stage (--stage) 'base' "
+                         f"or 'all', got {first_stage!r} and {stage!r}")
     suite = write_eval_suite(os.path.join(out_dir, "suite"), seed, n_eval_queries, n_candidates)
     eval_targets = {q["groups"][0] for ds in suite.values() for q in ds["queries"]}
     write_training_data(os.path.join(out_dir, "train"), seed, n_train, exclude=eval_targets)
     pretraining = write_tiny_checkpoint(os.path.join(out_dir, "checkpoint"), seed, pretrain_steps=pretrain_steps)
-    world = {"version": WORLD_VERSION, "seed": seed, "n_eval_queries": n_eval_queries, "n_candidates": n_candidates,
-             "n_train": n_train, "pretrain_steps": pretrain_steps, "pretraining": pretraining,
-             "first_stage": first_stage}
+    write_json(os.path.join(out_dir, "world.json"), {
+        "version": WORLD_VERSION, "seed": seed, "n_eval_queries": n_eval_queries, "n_candidates": n_candidates,
+        "n_train": n_train, "pretrain_steps": pretrain_steps, "pretraining": pretraining, "first_stage": None})
+    return complete_world(out_dir, first_stage, embed_steps) if stage == "all" else world_paths(out_dir)
+
+
+@pinned_threads(1)
+def complete_world(out_dir: str, first_stage: str = "embedder", embed_steps: int = EMBED_STEPS) -> dict:
+    """Add the first stage to a base world in place; world.json, rewritten last, then says so. Interrupted, it
+    can run again. The files equal generate_world(stage="all")'s byte for byte."""
+    manifest = os.path.join(out_dir, "world.json")
+    world, paths = read_json(manifest), world_paths(out_dir)
+    if world.get("first_stage") is not None:
+        raise ValueError(f"{manifest}: this world already has its first stage ({world['first_stage']})")
+    world["first_stage"] = first_stage
     if first_stage == "embedder":
-        paths = world_paths(out_dir)
-        model, processor = Qwen25VL.from_pretrained(paths["checkpoint"]), Processor.from_pretrained(paths["checkpoint"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            losses = train_embedder(model, processor, paths["train"], embed_steps, seed) if embed_steps else []
-        save_embedder(model, paths["checkpoint"], os.path.join(out_dir, "embedder"))
-        for name in TASKS:
-            write_first_stage(Embedder(model, processor), os.path.join(paths["suite"], name), n_candidates)
-        mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None
-        world.update(embed_steps=embed_steps, embedder={"loss_first_20": mean(losses[:20]),
-                                                        "loss_last_20": mean(losses[-20:])})
-    write_json(os.path.join(out_dir, "world.json"), world)
-    return world_paths(out_dir)
+        world.update(build_first_stage(paths["checkpoint"], paths["train"], paths["embedder"],
+                                       [os.path.join(paths["suite"], name) for name in TASKS],
+                                       world["n_candidates"], embed_steps, world["seed"]))
+    write_json(manifest, world)
+    return paths
 
 
 def world_paths(out_dir: str) -> dict:
@@ -327,27 +315,32 @@ def world_paths(out_dir: str) -> dict:
             "embedder": os.path.join(out_dir, "embedder")}
 
 
-def ensure_world(out_dir: str, seed: int = 0, **kwargs) -> dict:
-    """The world at out_dir, generated first if absent. Generation goes to a temporary sibling folder that is
-    renamed into place only when complete, so an interrupted run never leaves a half-written world behind."""
+def ensure_world(out_dir: str, seed: int = 0, stage: str = "all", **kwargs) -> dict:
+    """The world at out_dir, generated first if absent (a base world is completed in place, stage="all").
+    Generation goes to a temporary sibling folder that is renamed into place only when complete, so an interrupted
+    run never leaves a half-written world behind."""
     manifest = os.path.join(out_dir, "world.json")
     if os.path.exists(manifest):
         have = read_json(manifest)
         if not isinstance(have, dict):
             raise ValueError(f"{manifest}: expected a JSON object (the world's settings); delete the folder to "
                              "generate it again")
+        base = have.get("first_stage") is None  # a base world: its first-stage settings are not chosen yet
         want = {"version": WORLD_VERSION, "seed": seed, **kwargs}
-        wrong = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        wrong = {k: (have.get(k), v) for k, v in want.items()
+                 if have.get(k) != v and not (base and k in ("first_stage", "embed_steps"))}
         if wrong:
             raise ValueError(f"{out_dir} holds a world made with other settings (setting: (there, asked)): {wrong}; "
                              "delete the folder to generate it again")
+        if base and stage == "all":
+            complete_world(out_dir, kwargs.get("first_stage", "embedder"), kwargs.get("embed_steps", EMBED_STEPS))
         return world_paths(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ValueError(f"{out_dir} exists, is not empty and has no world.json: not a minigmr synthetic world")
     tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        generate_world(tmp, seed, **kwargs)
+        generate_world(tmp, seed, stage=stage, **kwargs)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty (checked above)
         os.rename(tmp, out_dir)
@@ -372,14 +365,15 @@ def main(argv=None):
                    help="first-stage candidates per query in run.trec (default: %(default)s)")
     p.add_argument("--train", type=int, default=3000, help="number of training records (default: %(default)s)")
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS,
-                   help="caption-pretraining steps of the tiny checkpoint; 0 leaves it random-init "
-                        "(default: %(default)s)")
+                   help="caption-pretraining steps of the tiny checkpoint; 0: random init (default: %(default)s)")
     p.add_argument("--first-stage", choices=("embedder", "attributes"), default="embedder",
                    help="embedder: the checkpoint trained into an embedder on the training data retrieves each "
                         "run.trec; attributes: the ablation, a formula over the true attributes + noise")
     p.add_argument("--embed-steps", type=int, default=EMBED_STEPS,
-                   help="training steps of the first-stage embedder; 0: the untrained checkpoint retrieves "
-                        "(default: %(default)s)")
+                   help="the first-stage embedder's training steps; 0: the checkpoint untrained (default: %(default)s)")
+    p.add_argument("--stage", choices=("base", "all"), default="all",
+                   help="base: the suite, training data and checkpoint only; a later run with all (the default) adds "
+                        "the first stage in place")
     a = p.parse_args(argv)
     if a.pretrain_steps < 0 or a.embed_steps < 0:
         p.error(f"--pretrain-steps and --embed-steps must be >= 0, got {a.pretrain_steps} and {a.embed_steps}")
@@ -388,9 +382,9 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     extra = {"embed_steps": a.embed_steps} if a.first_stage == "embedder" else {}
-    paths = ensure_world(a.out, a.seed, n_eval_queries=a.eval_queries, n_candidates=a.candidates, n_train=a.train,
-                         pretrain_steps=a.pretrain_steps, first_stage=a.first_stage, **extra)
-    print(json.dumps(paths, indent=2))
+    print(json.dumps(ensure_world(a.out, a.seed, a.stage, n_eval_queries=a.eval_queries, n_candidates=a.candidates,
+                                  n_train=a.train, pretrain_steps=a.pretrain_steps, first_stage=a.first_stage,
+                                  **extra), indent=2))
 
 
 if __name__ == "__main__":

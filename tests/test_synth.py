@@ -106,6 +106,32 @@ def test_first_stage_is_the_worlds_embedder(world, tmp_path):
         synth.generate_world(str(tmp_path / "b"), first_stage="bm25")
 
 
+def test_base_world_then_first_stage_equals_the_whole_world(world, tmp_path):
+    """demo.sh's two steps (--stage base, then all) write the one-shot world's files byte for byte; the base world
+    already serves training (checkpoint, train.jsonl) and has no first stage yet; an interrupted completion (the
+    run.trec files replaced, world.json not yet) runs again to the same bytes."""
+    out = str(tmp_path / "w")
+    base = synth.ensure_world(out, 0, stage="base", **SMALL)
+    manifest = json.load(open(os.path.join(out, "world.json")))
+    assert manifest["first_stage"] is None and "embed_steps" not in manifest
+    assert os.path.isfile(os.path.join(base["checkpoint"], "model.safetensors")) and os.path.isfile(base["train"])
+    assert not os.path.exists(base["embedder"])
+    assert not os.path.exists(os.path.join(base["suite"], "synth_t2t", "run.attributes.trec"))
+    assert synth.ensure_world(out, 0, stage="base", **SMALL) == base  # a base world is what --stage base asks
+    with pytest.raises(ValueError, match="other settings"):  # the base's own settings are still checked
+        synth.ensure_world(out, 0, **{**SMALL, "n_train": 121})
+    synth.ensure_world(out, 0, **SMALL)  # stage="all": completes it in place
+    assert file_hashes(out) == file_hashes(world["root"])
+    with open(os.path.join(out, "world.json"), "w") as f:  # as if stopped before world.json was rewritten
+        json.dump(manifest, f, indent=2)
+    synth.complete_world(out, embed_steps=SMALL["embed_steps"])
+    assert file_hashes(out) == file_hashes(world["root"])
+    with pytest.raises(ValueError, match="already has its first stage"):
+        synth.complete_world(out)
+    with pytest.raises(ValueError, match="stage"):
+        synth.generate_world(str(tmp_path / "b"), stage="half")
+
+
 def test_qrels_hard_negatives_and_run_follow_the_attributes(tmp_path):
     datasets = synth.write_eval_suite(str(tmp_path), seed=3, n_queries=12, n_candidates=30)
     loaded = {d.name: d for d in load_suite(str(tmp_path))}
