@@ -23,9 +23,7 @@ metric, the training log), weights.png (W+ / W-, SFT loss, held-out metric over 
 (full mode: nDCG@10 against N). The figures need the plot extra (matplotlib); without it they are skipped.
 """
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,7 +34,8 @@ from tqdm import tqdm
 
 from minigmr import plot, reproduction
 from minigmr.files import read_json, write_json
-from minigmr.hardware import choose_threads
+from minigmr.data import read_jsonl
+from minigmr.hardware import choose_threads, cpu_model
 from minigmr.synth import ensure_world
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -102,16 +101,6 @@ def parse_args(argv=None):
     return a
 
 
-def machine() -> str:
-    """The CPU's model name and thread count (what every number of the table depends on)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        name = None
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
-
-
 def slug(cell: str, seed: int) -> str:
     return cell.replace("+", "_").replace(" ", "_").replace("=", "") + f"-seed{seed}"
 
@@ -160,10 +149,10 @@ def run_one(a, paths, name, cell, seed):
                                f"{os.path.join(work, what.replace(' ', '-') + '.log')}")
         seconds[what] = round(time.time() - t0, 1)
     log = [{k: line[k] for k in line if k in LOGGED or k.startswith("val_")}
-           for line in map(json.loads, open(os.path.join(work, "train", "log.jsonl")))] if train else []
+           for _, line in read_jsonl(os.path.join(work, "train", "log.jsonl"))] if train else []
     weight, direction, negatives, tau = cell or (None,) * 4
     record = {"cell": name, "seed": seed, "weight": weight, "direction": direction, "negatives": negatives,
-              "tau": tau, "steps": a.steps, "config": config, "seconds": seconds, "machine": machine(), "log": log}
+              "tau": tau, "steps": a.steps, "config": config, "seconds": seconds, "machine": cpu_model(), "log": log}
     for k in evaluate:  # the first candidate set is the primary one: per_query / first_stage at the top level
         res = read_json(os.path.join(work, f"eval-{k}.json"))["datasets"]
         numbers = {"main_metric": {ds: r["main_metric"] for ds, r in res.items()},

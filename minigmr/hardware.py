@@ -3,6 +3,7 @@ and the CPU thread count (the idle cores, not all cores). Both read the kernel, 
 
 import contextlib
 import os
+import platform
 import time
 
 import torch
@@ -22,6 +23,16 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set:
     except OSError:
         pass
     return set()
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and logical CPU count, which every measured number depends on."""
+    try:
+        with open(path) as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        name = None
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
 
 
 def fast_bf16_cpu(flags: set | None = None) -> bool:

@@ -155,9 +155,9 @@ def summarise(runs: list, negatives: int, fig5_negatives=(1, 2, 4, 8), tau: floa
     return out
 
 
-def fmt(x: float, ci=None, scale: float = 100) -> str:
-    text = f"{x * scale:+.2f}" if ci is not None and x is not None else f"{x * scale:.2f}"
-    return text if ci is None else f"{text} [{ci[0] * scale:+.2f}, {ci[1] * scale:+.2f}]"
+def fmt(x: float, ci: tuple, scale: float = 100) -> str:
+    """A difference with its interval, in points (x 100): '+1.23 [-0.40, +2.87]'."""
+    return f"{x * scale:+.2f} [{ci[0] * scale:+.2f}, {ci[1] * scale:+.2f}]"
 
 
 def block(summary: dict, paper: dict) -> list:
