@@ -298,8 +298,9 @@ def complete_world(out_dir: str, first_stage: str = "embedder", embed_steps: int
     can run again. The files equal generate_world(stage="all")'s byte for byte."""
     manifest = os.path.join(out_dir, "world.json")
     world, paths = read_json(manifest), world_paths(out_dir)
-    if world.get("first_stage") is not None:
-        raise ValueError(f"{manifest}: this world already has its first stage ({world['first_stage']})")
+    if first_stage not in ("embedder", "attributes") or world.get("first_stage") is not None:
+        raise ValueError(f"{manifest}: first_stage must be 'embedder' or 'attributes' (got {first_stage!r}) and the "
+                         f"world must not have one yet (it already has: {world.get('first_stage')})")
     world["first_stage"] = first_stage
     if first_stage == "embedder":
         world.update(build_first_stage(paths["checkpoint"], paths["train"], paths["embedder"],

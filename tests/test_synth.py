@@ -126,7 +126,7 @@ def test_base_world_then_first_stage_equals_the_whole_world(world, tmp_path):
         json.dump(manifest, f, indent=2)
     synth.complete_world(out, embed_steps=SMALL["embed_steps"])
     assert file_hashes(out) == file_hashes(world["root"])
-    with pytest.raises(ValueError, match="already has its first stage"):
+    with pytest.raises(ValueError, match="already has: embedder"):
         synth.complete_world(out)
     with pytest.raises(ValueError, match="stage"):
         synth.generate_world(str(tmp_path / "b"), stage="half")
