@@ -84,6 +84,9 @@ def test_summary_computes_every_finding_whose_cells_ran():
         assert f["estimate"] == pytest.approx(expected)
     quick = reproduction.summarise([r for r in runs if r["cell"] in reproduction.plan("quick", n)], n, (1, 4))
     assert len(quick["findings"]) == 4  # Table 2 and Figure 5 need cells the quick mode does not run
+    with_two = {name: cells for name, cells, _ in reproduction.findings(n, (1, 2, 4, 8))}  # the paper's range too
+    assert len(with_two) == 9 and with_two["SFT improves over the paper's range of N (N=8 - N=2)"] == {
+        reproduction.cell_name("sft", "sft", 8): 1, reproduction.cell_name("sft", "sft", 2): -1}
 
 
 def test_full_mode_figures_draw_the_weights_and_the_negatives_curve(tmp_path):
