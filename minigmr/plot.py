@@ -65,28 +65,29 @@ def draw_curves(curves: dict, out: str, k: int = 25, title: str = "") -> str:
     key = val_key([log for logs in curves.values() for log in logs])
     fig, axes = plt.subplots(1, 3 if key else 2, figsize=(16 if key else 11, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = colours if len(curves) <= len(colours) else [plt.get_cmap("tab20")(i % 20) for i in range(len(curves))]
     for i, (label, logs) in enumerate(curves.items()):
         colour = colours[i % len(colours)]
         for field, style in (("w_pos", "-"), ("w_neg", "--")):
             x, y = mean_curve(logs, field)
-            axes[0].plot(x, smooth(y, k), style, color=colour, label=f"{label} {'W+' if field == 'w_pos' else 'W-'}")
+            axes[0].plot(x, smooth(y, k), style, color=colour, label=label if field == "w_pos" else None)
         x, y = mean_curve(logs, "sft_loss")
         axes[1].plot(x, smooth(y, k), color=colour, label=label)
         if key:
             x, y = mean_curve(logs, key)
             axes[2].plot(x, y, "o-", color=colour, label=label)
     axes[0].set(title="mean weight per document (W+ solid, W- dashed)", xlabel="step", ylabel="W", yscale="log")
-    axes[1].set(title="SFT loss (sum over a group's documents)", xlabel="step", ylabel="loss")
+    axes[1].set(title="SFT loss (sum over a group's documents)", xlabel="step", ylabel="loss", yscale="log")
     if key:
         axes[2].set(title=f"held-out {key[4:]}", xlabel="step", ylabel=key[4:])
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    axes[-1].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               title="cell (colour)")  # one legend for every panel, outside them
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # tight: the legend outside the axes is kept
     plt.close(fig)
     return out
 

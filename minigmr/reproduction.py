@@ -58,6 +58,7 @@ def findings(negatives: int, fig5_negatives=(1, 2, 4, 8), tau: float = TAU) -> l
             {ss: .5, cs: .5, sc: -.5, cc: -.5}, (58.09 + 56.99 - 57.88 - 56.40) / 2),
            ("the weight explains more of the gap than the direction (weight effect - direction effect)",
             {sc: 1, cs: -1}, 57.88 - 56.99),  # (ΔW - ΔD) of the two lines above simplifies to this
+           ("the SFT weight beats the all-ones weight (W_SFT - W_ones)", {ss: 1, c("ones", "sft"): -1}, 58.19 - 49.47),
            ("the tau-mask rescues the all-ones weight (W_ones+tau - W_ones)",
             {c("ones", "sft", t=tau): 1, c("ones", "sft"): -1}, 56.57 - 49.47),
            ("the SFT weight beats all-ones + tau-mask (W_SFT - W_ones+tau)",

@@ -77,7 +77,7 @@ def test_summary_computes_every_finding_whose_cells_ran():
     assert len(cells) == 4 + 2 + 2  # Table 1, Table 2's two extra cells, Figure 5 at N=1 (N=4 is Table 1's)
     runs = fake_runs({c: (lambda s, d, q, k=k: 0.1 * k + 0.01 * q) for k, c in enumerate(cells)})
     summary = reproduction.summarise(runs, n, (1, 4))
-    assert len(summary["findings"]) == 8
+    assert len(summary["findings"]) == 9
     for f in summary["findings"]:
         assert f["verdict"] == reproduction.verdict(f["ci95"])
         expected = sum(coef * 0.1 * list(cells).index(c) for c, coef in f["cells"].items())
@@ -85,7 +85,7 @@ def test_summary_computes_every_finding_whose_cells_ran():
     quick = reproduction.summarise([r for r in runs if r["cell"] in reproduction.plan("quick", n)], n, (1, 4))
     assert len(quick["findings"]) == 4  # Table 2 and Figure 5 need cells the quick mode does not run
     with_two = {name: cells for name, cells, _ in reproduction.findings(n, (1, 2, 4, 8))}  # the paper's range too
-    assert len(with_two) == 9 and with_two["SFT improves over the paper's range of N (N=8 - N=2)"] == {
+    assert len(with_two) == 10 and with_two["SFT improves over the paper's range of N (N=8 - N=2)"] == {
         reproduction.cell_name("sft", "sft", 8): 1, reproduction.cell_name("sft", "sft", 2): -1}
 
 
