@@ -29,17 +29,14 @@ import torch
 import transformers
 from peft import PeftModel
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration
 
-from minigmr.config import Config
+from minigmr import Config, Processor, Qwen25VL, Reranker
 from minigmr.hardware import default_dtype
 from minigmr.losses import sft_loss, sft_score
 from minigmr.lora import lora_parameters, mark_only_lora_trainable
-from minigmr.model import Qwen25VL
 from minigmr.peft_io import load_adapter
-from minigmr.processor import Processor
 from minigmr.prompt import DEFAULT_INSTRUCTION, gmr_messages
-from minigmr.scoring import Reranker, group_logits, tokenize_groups
+from minigmr.scoring import group_logits, tokenize_groups
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # the tests' transformers side
 from hf_reference import hf_config_of, hf_gmr_logits, save_random_hf, save_random_peft_adapter  # noqa: E402
@@ -129,7 +126,6 @@ def sft_step(yes_no_logits, params):
 
 
 def minigmr_side(args, ckpt: str, train: bool):
-    """The fused `Reranker` for W1-W3; `group_logits` on the LoRA-injected model for W4."""
     model = Qwen25VL.from_pretrained(ckpt, dtype=args.dtype, device=args.device)
     processor = Processor.from_pretrained(ckpt)
     if train:
@@ -146,13 +142,12 @@ def minigmr_side(args, ckpt: str, train: bool):
 
 def transformers_side(args, ckpt: str, train: bool):
     """transformers as a careful user runs it: its processor, left-padded batches, logits_to_keep=1, no cache."""
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         ckpt, dtype=args.dtype, attn_implementation="sdpa").to(args.device).eval()
     if train:
         model = PeftModel.from_pretrained(model, os.path.join(ckpt, "adapter"), is_trainable=True).train()
     proc = make_hf_processor(ckpt, MIN_PIXELS, MAX_PIXELS)
     logits = lambda chats: hf_gmr_logits(model, proc, chats, proc.tokenizer.convert_tokens_to_ids(["yes", "no"]))
-
     if train:
         return sft_step(lambda groups: logits([gmr_messages(ins, q, d) for ins, q, docs in groups for d in docs]),
                         [p for p in model.parameters() if p.requires_grad])
@@ -216,22 +211,19 @@ def timed_call(call, device: str, memory: bool = False):
         torch.cuda.reset_peak_memory_stats()
     elif memory:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # free heap pages go back to the OS: the resident set is what is live
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     base = (torch.cuda.memory_allocated() if cuda else rss("VmRSS")) if memory else 0
     t0 = time.perf_counter()
     out = call()
     if cuda:
         torch.cuda.synchronize()  # the GPU's queued work belongs to the call
     dt = time.perf_counter() - t0
-    if not memory:
-        return dt, out, None
-    return dt, out, ((torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - base) / 2 ** 20
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) if memory else None
+    return dt, out, None if peak is None else (peak - base) / 2 ** 20
 
 
 def matmul_peak(device: str, dtype, reps: int = 5) -> float:
-    """FLOP/s of a square `a @ b` (median of `reps`, after a warm-up): the practical peak of this device, dtype and
-    thread count."""
+    """FLOP/s of a square `a @ b` (median of `reps` after a warm-up): this device, dtype and thread count's peak."""
     n = 8192 if device.startswith("cuda") else 2048  # a GPU needs a bigger product to reach its peak
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n ** 3 / statistics.median([timed_call(lambda: a @ b, device)[0] for _ in range(reps + 1)][1:])
@@ -275,9 +267,8 @@ def agreement(scores, reference, k: int = 10) -> dict:
     """How far low-precision scores are from the fp32 ones: max |dp|, Kendall tau-b of the two orders (ties
     counted as ties, as bf16's coarse p(yes) makes them), and the overlap of the top k."""
     a, b = scores.double().cpu().numpy(), reference.double().cpu().numpy()
-    da, db = np.sign(a[:, None] - a[None]), np.sign(b[:, None] - b[None])  # (n, n) pairwise orders
-    iu = np.triu_indices(len(a), 1)
-    da, db = da[iu], db[iu]
+    iu = np.triu_indices(len(a), 1)  # each pair once
+    da, db = np.sign(a[:, None] - a[None])[iu], np.sign(b[:, None] - b[None])[iu]  # the pairwise orders
     tau = (da * db).sum() / max(np.sqrt((da != 0).sum() * (db != 0).sum()), 1)
     top = lambda x: set(np.argsort(-x, kind="stable")[:k].tolist())
     return dict(max_abs_diff=float(np.abs(a - b).max()), kendall_tau=float(tau),
