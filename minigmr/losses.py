@@ -130,6 +130,13 @@ def sft_loss(logits: Tensor, group_size: int | None = None) -> Tensor:
     return -(logp[:, 0, YES] + logp[:, 1:, NO].sum(dim=1)).mean()
 
 
+def _cl_logits(logits: Tensor, temperature: float, group_size: int | None) -> Tensor:
+    """z_y / T (G, 1+N), what InfoNCE's softmax runs over; a group needs a negative, else its loss is zero."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _grouped(logits, group_size, min_docs=2)[..., YES] / temperature  # (G, 1+N, 2) -> (G, 1+N)
+
+
 def infonce_loss(logits: Tensor, temperature: float = 1.0, group_size: int | None = None) -> Tensor:
     """InfoNCE / CL: pick the positive out of its group by the "yes" logit (docs/gmr.md §2.1).
 
@@ -138,10 +145,7 @@ def infonce_loss(logits: Tensor, temperature: float = 1.0, group_size: int | Non
     In words: a (1+N)-way softmax over the group's CL scores, cross-entropy at the positive, mean over groups.
     The paper reports no temperature (docs/gmr.md §7), so T = 1 is the faithful default.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _grouped(logits, group_size, min_docs=2)  # (G, 1+N, 2); a group without negatives has zero loss
-    return -torch.log_softmax(z[..., YES] / temperature, dim=1)[:, 0].mean()
+    return -torch.log_softmax(_cl_logits(logits, temperature, group_size), dim=1)[:, 0].mean()
 
 
 def _dpo_margin(policy_logits: Tensor, ref_logits: Tensor, beta: float, label_smoothing: float,
@@ -199,10 +203,8 @@ def sft_weight_direction(logits: Tensor, group_size: int | None = None) -> tuple
 
     In words: each document is pushed by how wrong it still is, normalised per document only.
     """
-    z = _grouped(logits, group_size).detach()  # (G, 1+N, 2)
-    p = torch.softmax(z, dim=-1)  # (G, 1+N, 2) per-document [p(yes), p(no)]
-    w = torch.cat([p[:, :1, NO], p[:, 1:, YES]], dim=1)  # (G, 1+N)
-    return w, _coef("sft", z)
+    p = torch.softmax(_grouped(logits, group_size).detach(), dim=-1)  # (G, 1+N, 2) per-document [p(yes), p(no)]
+    return torch.cat([p[:, :1, NO], p[:, 1:, YES]], dim=1), _coef("sft", p)  # W (G, 1+N), c (G, 1+N, 2)
 
 
 def cl_weight_direction(logits: Tensor, temperature: float = 1.0,
@@ -215,13 +217,10 @@ def cl_weight_direction(logits: Tensor, temperature: float = 1.0,
     times 1/T (chain rule through z/T; T = 1 gives the paper's table). In words: the weights share one softmax
     over the whole group, so one confident positive shrinks every document's step (docs/gmr.md §2.2).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _grouped(logits, group_size, min_docs=2).detach()
-    p = torch.softmax(z[..., YES] / temperature, dim=1)  # (G, 1+N) = e^{z_y/T} / Z
+    p = torch.softmax(_cl_logits(logits, temperature, group_size).detach(), dim=1)  # (G, 1+N) = e^{z_y/T} / Z
     # W+ as the sum over negatives (R1), not 1 - p_0, which cancels catastrophically when p_0 -> 1
     w = torch.cat([p[:, 1:].sum(dim=1, keepdim=True), p[:, 1:]], dim=1) / temperature  # (G, 1+N)
-    return w, _coef("cl", z)
+    return w, _coef("cl", p)
 
 
 def dpo_weight_direction(policy_logits: Tensor, ref_logits: Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
@@ -310,7 +309,7 @@ def embedding_scores(q: Tensor, d: Tensor, positive: Tensor, temperature: float,
                          f"{tuple(positive.shape)}")
     s = (_fp32(q) @ _fp32(d).T) / temperature  # (B, D) @ (D, M) -> (B, M)
     if exclude is not None:
-        keep = ~exclude.clone()
+        keep = ~exclude  # a new tensor: the caller's mask is not written to
         keep[torch.arange(len(q)), positive] = True  # the positive itself always counts
         s = s.masked_fill(~keep, float("-inf"))
     return s
@@ -341,9 +340,8 @@ def embedding_weight_direction(q: Tensor, d: Tensor, positive: Tensor, temperatu
     embedding in place of the "yes" row: one softmax over the batch, so once the positives dominate, every weight
     collapses together, which is what a contrastive first stage wants (and a reranker does not, docs/gmr.md §2.2)."""
     s = embedding_scores(q.detach(), d.detach(), positive, temperature, exclude)
-    p = torch.softmax(s, dim=1)  # (B, M)
+    w = torch.softmax(s, dim=1) / temperature  # (B, M) p_ij / T
     rows = torch.arange(len(q))
-    w = p / temperature
     w[rows, positive] = 0.0
     w[rows, positive] = w.sum(dim=1)  # the sum over negatives, not 1 - p+, which cancels when p+ -> 1
     signs = -torch.ones_like(w)
