@@ -9,7 +9,8 @@ workloads (docs/gmr.md §4) from text and PIL images to scores: W1 a text query 
 W2 a text query vs 32 images of ~448 px, W3 an image query vs 64 text documents (--quick: a quarter of each), W4 one
 SFT step on 2 queries x (1+8) text documents with LoRA r16. transformers runs as a careful user writes it: its
 processor and official chat template on the same GMR prompt, left padding, the same batch size, logits_to_keep=1,
-no cache. Timed repetitions alternate who goes first.
+no cache. Timed repetitions alternate who goes first, and each draws new documents of the same kind: a stream of
+queries, as in use (repeating the same documents would also time the kernels' per-shape caches, docs/experiments.md).
 """
 import argparse
 import ctypes
@@ -70,9 +71,10 @@ WORDS = ("the of and to a in is it you that he was for on are with as his they b
 ZIPF = [1 / (i + 10) for i in range(len(WORDS))]
 
 
-def make_workload(name: str, args, tokenizer) -> dict:
-    """One workload, from its own seeded streams: the same data whichever subset runs."""
-    rng, nrng = random.Random(f"{args.seed}-{name}"), np.random.default_rng([args.seed, int(name[1])])
+def make_workload(name: str, args, tokenizer, draw: int = 0) -> dict:
+    """Draw `draw` of one workload, from its own seeded streams: the same data whichever subset runs."""
+    rng = random.Random(f"{args.seed}-{name}" + (f"-{draw}" if draw else ""))
+    nrng = np.random.default_rng([args.seed, int(name[1])] + ([draw] if draw else []))
     side = args.image_side
 
     def text(lo, hi):  # common words with a Zipf-like frequency, cut to lo..hi tokens
@@ -230,18 +232,18 @@ def matmul_peak(device: str, dtype, reps: int = 5) -> float:
 
 
 def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
-    """Warm-up, then `args.repeats` alternating timed calls of both sides on workload `name`."""
-    w = make_workload(name, args, proc.tokenizer)
-    train = "groups" in w
+    """Warm-up on draw 0, then `args.repeats` alternating timed calls of both sides, repetition r on draw r + 1."""
+    work = [make_workload(name, args, proc.tokenizer, draw) for draw in range(args.repeats + 1)]
+    train = "groups" in work[0]
     sides = {"minigmr": minigmr_side(args, ckpt, train), "transformers": transformers_side(args, ckpt, train)}
     # one call: all candidates of the query (the first batch for the warm-up), or one training step
-    run = lambda side, n=None: side(w["groups"]) if train else side(w["query"], w["docs"][:n])
-    first = {impl: run(side, args.batch_size) for impl, side in sides.items()}
+    run = lambda side, w, n=None: side(w["groups"]) if train else side(w["query"], w["docs"][:n])
+    first = {impl: run(side, work[0], args.batch_size) for impl, side in sides.items()}
     times, scores, mem, peaks = {impl: [] for impl in sides}, {}, {}, []
     for rep in range(args.repeats):
         peaks.append(matmul_peak(args.device, args.dtype))  # under the same threads and load as this pair
         for impl in list(sides)[::1 if rep % 2 == 0 else -1]:  # alternate who goes first
-            dt, out, mb = timed_call(lambda: run(sides[impl]), args.device, memory=rep == 0)
+            dt, out, mb = timed_call(lambda: run(sides[impl], work[rep + 1]), args.device, memory=rep == 0)
             times[impl].append(dt)
             scores.setdefault(impl, out)
             mem.setdefault(impl, mb)
@@ -250,17 +252,19 @@ def compare(args, ckpt: str, cfg: Config, proc: Processor, name: str) -> dict:
     vs_fp32 = None
     if not train and args.dtype != torch.float32:  # the cost of the low precision: the same scores in fp32
         fp32 = minigmr_side(argparse.Namespace(**{**vars(args), "dtype": torch.float32, "compile": False}), ckpt, False)
-        vs_fp32 = agreement(scores["minigmr"], fp32(w["query"], w["docs"]))
+        vs_fp32 = agreement(scores["minigmr"], fp32(work[1]["query"], work[1]["docs"]))  # the first timed draw
     del sides
     gc.collect()
-    n, flops, mg, tf = 1 if train else len(w["docs"]), minimal_flops(cfg, proc, w), *times.values()
+    n, mg, tf = 1 if train else len(work[0]["docs"]), *times.values()
+    flops = [minimal_flops(cfg, proc, w) for w in work[1:]]  # per draw: the documents' lengths differ
     out = {impl: dict(times_s=ts, median_s=statistics.median(ts), rate=n / statistics.median(ts), peak_mem_mb=mem[impl])
            for impl, ts in times.items()}
-    return dict(what=w["what"], unit="steps" if train else "pairs", n=n, **out,
+    return dict(what=work[0]["what"], unit="steps" if train else "pairs", n=n, **out,
                 speedup=statistics.median(h / m for m, h in zip(mg, tf)),
                 max_abs_score_diff=float((scores["minigmr"].float() - scores["transformers"].float()).abs().max()),
-                minimal_flops=flops, achieved_flops_per_s=flops / statistics.median(mg), matmul_peak_flops_per_s=peaks,
-                fraction_of_peak=statistics.median(flops / t / p for t, p in zip(mg, peaks)), minigmr_vs_fp32=vs_fp32)
+                minimal_flops=statistics.median(flops), matmul_peak_flops_per_s=peaks, minigmr_vs_fp32=vs_fp32,
+                achieved_flops_per_s=statistics.median(f / t for f, t in zip(flops, mg)),
+                fraction_of_peak=statistics.median(f / t / p for f, t, p in zip(flops, mg, peaks)))
 
 
 def agreement(scores, reference, k: int = 10) -> dict:
