@@ -63,10 +63,9 @@ def vllm_scorer(ckpt: str, dtype: str, impl: str, processor):
 
 def measure(name: str, sides: dict, args, tokenizer) -> dict:
     """A warm-up (whose scores are compared), then `repeats` alternating timed calls. Every call gets documents of
-    its own (the workload drawn with seed + call): vLLM caches prefixes and image encodings across requests, and a
+    its own (draw k of bench.py's workload): vLLM caches prefixes and image encodings across requests, and a
     repeated request would time its caches, not the reranking."""
-    work = [bench.make_workload(name, argparse.Namespace(**{**vars(args), "seed": args.seed + i}), tokenizer)
-            for i in range(args.repeats + 1)]
+    work = [bench.make_workload(name, args, tokenizer, draw) for draw in range(args.repeats + 1)]  # as bench.py
     scores = {impl: side(work[0]["query"], work[0]["docs"]) for impl, side in sides.items()}
     times, cpu = {impl: [] for impl in sides}, {impl: [] for impl in sides}
     for rep, w in enumerate(work[1:]):
