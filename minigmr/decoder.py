@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
-from .layers import GatedMLP, RMSNorm, apply_rotary
+from .layers import GatedMLP, RMSNorm, apply_rotary, rowwise
 
 
 # ----------------------------------------------------------------------------- positions
@@ -83,29 +83,33 @@ class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=True)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=True)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=True)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
+    def heads(self, t, cos=None, sin=None):
+        """(B, S, n*Dh) -> (B, n, S, Dh), rotated if cos/sin are given."""
+        t = t.view(*t.shape[:2], -1, self.head_dim).transpose(1, 2)
+        return t if cos is None else apply_rotary(t, cos, sin)
+
     def key_values(self, x, cos, sin):
         """Rotated keys and values (B, KV, S, Dh) of x (B, S, D): what a prefix cache holds."""
-        B, S, _ = x.shape
-        k = self.k_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)  # (B, KV, S, Dh)
-        v = self.v_proj(x).view(B, S, self.n_kv, -1).transpose(1, 2)
-        return apply_rotary(k, cos, sin), v
+        k, v = rowwise(lambda h: (self.k_proj(h), self.v_proj(h)), x)  # (B, S, KV*Dh) each
+        return self.heads(k, cos, sin), self.heads(v)
 
     def forward(self, x, cos, sin, mask, past=None):
         B, S, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2), cos, sin)  # (B, H, S, Dh)
-        new_kv = k, v = self.key_values(x, cos, sin)
+        q, k, v = rowwise(lambda h: (self.q_proj(h), self.k_proj(h), self.v_proj(h)), x)  # (B, S, H*Dh), 2 x KV*Dh
+        q = self.heads(q, cos, sin)  # (B, H, S, Dh)
+        new_kv = k, v = self.heads(k, cos, sin), self.heads(v)  # (B, KV, S, Dh)
         if past is not None:  # prefix keys/values, (1 or B, KV, P, Dh): broadcast over the batch without a copy
             k = torch.cat((past[0].expand(B, -1, -1, -1), k), dim=2)  # (B, KV, P+S, Dh)
             v = torch.cat((past[1].expand(B, -1, -1, -1), v), dim=2)
         # each KV head serves n_heads/n_kv consecutive query heads (transformers `repeat_kv`)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1)), new_kv  # (B, S, H*Dh) -> (B, S, D)
+        return rowwise(self.o_proj, out.transpose(1, 2).reshape(B, S, -1)), new_kv  # (B, S, H*Dh) -> (B, S, D)
 
 
 class DecoderLayer(nn.Module):

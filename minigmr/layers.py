@@ -34,6 +34,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def row_bucket(m: int) -> int:
+    """m rounded up to a multiple of 32, and of 1/8 of m's power of two: few distinct sizes, at most 1/8 padding."""
+    step = max(32, 1 << max(0, m.bit_length() - 4))
+    return -(-m // step) * step
+
+
+def rowwise(fn, x: torch.Tensor):
+    """fn(x) for a row-wise fn (linears, MLPs: row i of the output depends on row i of x (..., K) alone), returning a
+    tensor or a tuple of tensors (..., N). At inference on a CPU in a 16-bit dtype, fn runs on the rows padded with
+    zeros to `row_bucket(rows)`: oneDNN, which runs those matmuls, builds a primitive for every new input shape (a
+    cost that grows with the rows, like the product itself) and caches it by shape, so documents of ever new lengths
+    would pay it in nearly every call (docs/experiments.md). Elsewhere (fp32: MKL; a GPU; training) x goes as is."""
+    m = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_grad_enabled() \
+            or row_bucket(m) == m:
+        return fn(x)
+    padded = x.new_empty(row_bucket(m), x.shape[-1])  # (M', K)
+    padded[:m] = x.reshape(m, -1)
+    padded[m:].zero_()  # zeros, not garbage: oneDNN reads a row's K-tail past its end and relies on 0 * x = 0
+    out = fn(padded)  # (M', N) or a tuple of them
+    cut = lambda y: y[:m].view(*x.shape[:-1], y.shape[-1])  # (M', N) -> (..., N): the first M rows are a view
+    return tuple(map(cut, out)) if isinstance(out, tuple) else cut(out)
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)): SwiGLU. The vision blocks use biases, the text layers do not."""
 
@@ -44,11 +68,11 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)  # (..., hidden) each
         if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        # inference: the same product in gate's buffer; two fresh (..., hidden) buffers fewer (docs/experiments.md)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # inference: the same product in gate's buffer, two fresh (..., hidden) buffers fewer (docs/experiments.md);
+        # the rows padded once for all three matmuls
+        return rowwise(lambda h: self.down_proj(F.silu(self.gate_proj(h), inplace=True).mul_(self.up_proj(h))), x)
 
 
 def segments_by_length(cu_seqlens: torch.Tensor) -> list:

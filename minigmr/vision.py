@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import VisionConfig
-from .layers import GatedMLP, RMSNorm, apply_rotary, segments_by_length, segment_attention
+from .layers import GatedMLP, RMSNorm, apply_rotary, rowwise, segments_by_length, segment_attention
 
 
 # ----------------------------------------------------------------------------- index helpers (no parameters)
@@ -72,13 +72,13 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, segments):
         n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
+        qkv = rowwise(self.qkv, x).reshape(n, 3, self.num_heads, -1)  # (N, 3, H, Dh)
         v = qkv[:, 2]
         # rotary in fp32 then back, as `apply_rotary_pos_emb_vision` (docs/qwen25vl.md pitfall §7.4); q and k in one
         # call (half the elementwise kernels): cos/sin (N, 1, Dh) -> (N, 1, 1, Dh) broadcast over q/k and heads
         q, k = apply_rotary(qkv[:, :2].float(), cos[:, None], sin[:, None]).to(v.dtype).unbind(1)  # 2 x (N, H, Dh)
         out = segment_attention(q, k, v, segments)  # (N, H, Dh)
-        return self.proj(out.reshape(n, -1))
+        return rowwise(self.proj, out.reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -106,7 +106,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):  # (N, D) -> (N/4, out)
         x = self.norm(x).reshape(-1, self.fc1.in_features)  # (N/4, 4*D): TL, TR, BL, BR concatenated
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return rowwise(lambda h: self.fc2(F.gelu(self.fc1(h))), x)  # exact (erf) GELU
 
 
 class PatchEmbed(nn.Module):
@@ -120,7 +120,7 @@ class PatchEmbed(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, pixel_values):  # (N, C*T*P*P) -> (N, D); the row layout is (C, T, P, P), as the weight's
-        return F.linear(pixel_values.to(self.weight.dtype), self.weight.flatten(1))
+        return rowwise(lambda p: F.linear(p, self.weight.flatten(1)), pixel_values.to(self.weight.dtype))
 
 
 class VisionTower(nn.Module):
