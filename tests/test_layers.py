@@ -63,8 +63,9 @@ def test_bf16_model_padded_equals_unpadded():
     vision = dict(hidden_size=32, intermediate_size=48, num_heads=2, depth=2, fullatt_block_indexes=[1],
                   out_hidden_size=64)
     cfg = Config.from_dict(dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, image_token_id=90, vision_start_token_id=91,
-                                vision_end_token_id=92, rope_scaling=dict(mrope_section=[2, 3, 3]), vision_config=vision))
+                                num_attention_heads=4, num_key_value_heads=2, image_token_id=90,
+                                vision_start_token_id=91, vision_end_token_id=92,
+                                rope_scaling=dict(mrope_section=[2, 3, 3]), vision_config=vision))
     torch.manual_seed(0)
     model = Qwen25VL(cfg).bfloat16().eval()
     ids = torch.randint(0, 80, (3, 45))
