@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from minigmr import losses, train_state
 from minigmr.embedding import GroupEmbedder, mark_embedder
-from minigmr.hardware import set_threads
+from minigmr.hardware import reuse_freed_memory, set_threads
 from minigmr.lora import disable_adapters, inject_lora, lora_parameters, mark_only_lora_trainable
 from minigmr.model import Qwen25VL
 from minigmr.processor import ImageProcessor, Processor
@@ -134,6 +134,8 @@ def reported(prefix=""):
 if problems := flag_problems(args, given, world_size):  # every bad flag at once, before any work
     fail("\n  ".join(problems))
 set_threads(args.threads)  # idle cores only: torch's spinning threads on a busy core are a cliff (hardware.py)
+if device_type == "cpu":
+    reuse_freed_memory()  # activations re-allocated every step come back without page faults (hardware.py)
 if args.model is None or args.data is None:
     if local_rank == 0:
         ensure_world(SYNTH_DIR)  # once per node; ensure_world is atomic, the other ranks wait

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hardware import reuse_freed_memory
 from .lora import merge_lora
 from .model import Qwen25VL
 from .peft_io import load_adapter
@@ -162,6 +163,8 @@ class Embedder:
         self.batch_size, self.padding_side, self.max_length = batch_size, padding_side, max_length
         cpu = model.head_weight.device.type == "cpu"
         self.image_batch_patches = 4096 if cpu else 16384  # as Reranker: reused buffers on a CPU
+        if cpu:
+            reuse_freed_memory()  # as Reranker: no page faults for activations freed and re-allocated per batch
         self.pad_multiple = 8 if model.head_weight.device.type == "cuda" else 1  # few shapes for compiled kernels
 
     @classmethod

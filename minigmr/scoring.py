@@ -23,7 +23,7 @@ import torch
 
 from .decoder import TextModel, attention_mask_4d, mrope_cos_sin, rope_position_ids
 from .files import read_json
-from .hardware import default_dtype
+from .hardware import default_dtype, reuse_freed_memory
 from .hub import resolve
 from .lora import merge_lora
 from .losses import cl_score, sft_score, yes_no_logits
@@ -312,6 +312,8 @@ class Reranker:
         # freshly mapped (page faults); on a GPU they only bound memory (docs/experiments.md)
         self.image_batch_patches = 4096 if cpu else 16384
         self.max_batch_tokens = 2048 if cpu else None
+        if cpu:
+            reuse_freed_memory()  # activations freed and re-allocated per batch come back without page faults
         # padded lengths rounded up on a GPU so compiled kernels / CUDA graphs see few distinct shapes
         self.pad_multiple = 8 if self.device.type == "cuda" else 1
         self.yes_id, self.no_id = processor.token_id("yes"), processor.token_id("no")
