@@ -134,8 +134,7 @@ def reported(prefix=""):
 if problems := flag_problems(args, given, world_size):  # every bad flag at once, before any work
     fail("\n  ".join(problems))
 set_threads(args.threads)  # idle cores only: torch's spinning threads on a busy core are a cliff (hardware.py)
-if device_type == "cpu":
-    reuse_freed_memory()  # activations re-allocated every step come back without page faults (hardware.py)
+reuse_freed_memory()  # activations re-allocated every step come back without page faults (hardware.py)
 if args.model is None or args.data is None:
     if local_rank == 0:
         ensure_world(SYNTH_DIR)  # once per node; ensure_world is atomic, the other ranks wait
@@ -348,8 +347,7 @@ for step in bar:
             (loss / args.grad_accum).backward()  # DDP averages over processes: the gradient of the global mean
         # the SFT loss is logged for every reranking objective, the one value they are all comparable on (embed: its loss)
         sft = loss.item() if args.objective == "embed" else losses.sft_loss(z.detach()).item()
-        totals.update({"loss": loss.item(), "sft_loss": sft, **losses.weight_stats(w),
-                       "tokens": sum(lengths)})
+        totals.update({"loss": loss.item(), "sft_loss": sft, **losses.weight_stats(w), "tokens": sum(lengths)})
     totals = all_reduce_sum(totals)
     # every micro-batch holds G groups, so the mean of the micro-batch means is the mean over the global batch
     means = {k: totals[k] / (args.grad_accum * world_size) for k in ("loss", "sft_loss", "w_pos", "w_neg")}
