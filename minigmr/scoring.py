@@ -16,6 +16,7 @@ Weights are bf16 on a GPU and on a CPU with fast bf16 (hardware.py), else fp32; 
 `group_logits` is the same computation with autograd for training, many groups at once.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -61,17 +62,17 @@ class ImageBank:
         return [self.key_of[key]]
 
     def preprocess(self):
-        """Patches (n_i, 1176) and grids (3,) of every image; an image that cannot be read or resized is an error
-        naming the first query/document that holds it."""
-        self.patches, self.grids = [], []
-        for source, where in zip(self.sources, self.owners):
+        """Patches (n_i, 1176) and grids (3,) of every image, made on torch's CPU threads (Pillow and numpy release the
+        GIL); an image that cannot be read or resized is an error naming the first query/document that holds it."""
+        def one(source, where):
             try:
-                pixel_values, grid = self.processor.image_processor([source])
+                return self.processor.image_processor([source])
             except (ValueError, OSError) as e:  # unreadable file, extreme aspect ratio, too small to resize...
                 name = f" ({source})" if isinstance(source, str) else ""
                 raise ValueError(f"{where}: image{name}: {e}") from None
-            self.patches.append(pixel_values)
-            self.grids.append(grid[0])
+        with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(self.sources)))) as pool:
+            done = list(pool.map(one, self.sources, self.owners))  # in order: the first bad image raises
+        self.patches, self.grids = [pixel_values for pixel_values, _ in done], [grid[0] for _, grid in done]
 
     def features(self, model: Qwen25VL, max_patches: int = 16384) -> list:
         """(tokens_i, D) features per image; the vision tower runs on chunks of at most `max_patches` patches."""

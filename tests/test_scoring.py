@@ -122,6 +122,8 @@ def test_score_rank_and_errors(ckpt, data):
         rr.score("q", [])
     with pytest.raises(ValueError, match="cannot open image file.*nope.png"):
         rr.score("q", [{"image": "/nope.png"}])
+    with pytest.raises(ValueError, match=r"^document 1: image \(/nope1.png\)"):  # images run in parallel: the first
+        rr.score("q", ["a", {"image": "/nope1.png"}, "b", {"image": "/nope3.png"}])
     with pytest.raises(ValueError, match="document 0: prompt has"):
         Reranker(rr.model, rr.processor, max_length=10).score("q", ["d"])
     with pytest.raises(TypeError, match="must be a str"):
