@@ -246,6 +246,15 @@ class Processor:
     def encode(self, text: str, image_grid_thw=None) -> list:
         """Prompt string -> token ids. Each `<|image_pad|>` (in order) is first expanded in the *string* to its
         image's token count, then the whole string is tokenized (as Qwen2_5_VLProcessor does); no BOS/EOS."""
+        return self.tokenizer.encode(self.expand(text, image_grid_thw), add_special_tokens=False).ids
+
+    def encode_batch(self, texts, image_grid_thws) -> list:
+        """[encode(text, grids) for each pair], in one call that the tokenizer spreads over its threads."""
+        expanded = [self.expand(text, grids) for text, grids in zip(texts, image_grid_thws, strict=True)]
+        return [e.ids for e in self.tokenizer.encode_batch(expanded, add_special_tokens=False)]
+
+    def expand(self, text: str, image_grid_thw=None) -> str:
+        """The prompt with each `<|image_pad|>` repeated its image's token count."""
         parts = text.split("<|image_pad|>")
         grids = [] if image_grid_thw is None else [list(g) for g in image_grid_thw]
         if len(parts) - 1 != len(grids):
@@ -254,7 +263,7 @@ class Processor:
         pieces = [parts[0]]
         for grid, part in zip(grids, parts[1:]):
             pieces += ["<|image_pad|>" * num_image_tokens(grid, self.image_processor.merge_size), part]
-        return self.tokenizer.encode("".join(pieces), add_special_tokens=False).ids
+        return "".join(pieces)
 
     def apply_chat(self, conversations, add_generation_prompt: bool = True, padding_side: str = "left") -> dict:
         """Batch of conversations -> padded model inputs (torch tensors):

@@ -138,8 +138,8 @@ def split_prefix(processor: Processor, bank: ImageBank, instruction: str, query:
     prefix_text = processor.render(query_messages(instruction, query), add_generation_prompt=False)
     prefix_text = prefix_text[: -len("<|im_end|>\n")]  # the user turn continues with the document
     prefix = np.array(processor.encode(prefix_text, grids(query_images)), dtype=np.int64)
-    full = [processor.encode(processor.render(gmr_messages(instruction, query, d)), grids(query_images + di))
-            for d, di in zip(docs, doc_images)]
+    full = processor.encode_batch([processor.render(gmr_messages(instruction, query, d)) for d in docs],
+                                  [grids(query_images + di) for di in doc_images])
     # shared length = the longest prefix every prompt shares with the prefix's own tokens (BPE may merge the
     # query's last characters with the "\n<Document>:" that follows, so it can be a token or two short)
     shared = len(prefix)

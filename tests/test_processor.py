@@ -300,6 +300,11 @@ def test_processor_errors(tiny):
     with pytest.raises(ValueError, match="padding_side"):
         ours.apply_chat([[{"role": "user", "content": "x"}]], padding_side="middle")
     assert ours.encode("a<|image_pad|>b", [[1, 4, 6]]).count(ours.image_pad_id) == 6
+    texts = ["Hello world, is this relevant?", "a<|image_pad|>b", "x<|image_pad|>y <|image_pad|>z", "yes"]
+    grids = [[], [[1, 4, 6]], [[1, 2, 2], [1, 6, 4]], []]
+    assert ours.encode_batch(texts, grids) == [ours.encode(t, g) for t, g in zip(texts, grids)]
+    with pytest.raises(ValueError, match="placeholders"):
+        ours.encode_batch(["a", "<|image_pad|>"], [[], []])
 
 
 # ------------------------------------------------------------------------------------------------ real vocabulary
