@@ -112,6 +112,11 @@ class ImageProcessor:
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        # rescale + normalize of every uint8 level, per channel, with transformers' op order and precision:
+        # uint8 -> float64 * (1/255) -> float32, then (x - mean) / std in float32. (3, 256) float32
+        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean, std = np.array(image_mean, np.float32)[:, None], np.array(image_std, np.float32)[:, None]  # (3, 1)
+        self.level_values = (levels - mean) / std
 
     @classmethod
     def from_pretrained(cls, path, min_pixels=None, max_pixels=None):
@@ -153,11 +158,8 @@ class ImageProcessor:
         # transformers image_transforms.resize: PIL bicubic, reducing_gap=None (no two-step downscale)
         img = img.resize((width, height), resample=Image.BICUBIC, reducing_gap=None)
         x = np.asarray(img)  # (H, W, 3) uint8
-        # Same op order and precision as transformers rescale + normalize: uint8 -> float64 * (1/255) -> float32,
-        # then (x - mean) / std with float32 mean/std.
-        x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-        x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
-        x = x.transpose(2, 0, 1)  # (C, H, W)
+        # rescale + normalize as a table lookup: the same float32 values as computing them (a fifth of the time)
+        x = np.stack([self.level_values[c].take(x[..., c]) for c in range(3)])  # (C, H, W) float32
         C, gh, gw = x.shape[0], height // p, width // p
         # A still image is one frame repeated to fill the Conv3d's temporal kernel, so grid_t = 1.
         x = np.broadcast_to(x[None], (T, C, height, width))  # (T, C, H, W)

@@ -61,11 +61,11 @@ def write_preprocessor_config(path, min_pixels=3136, max_pixels=12845056, style=
     return str(path)
 
 
-def make_hf_image_processor(min_pixels, max_pixels):
+def make_hf_image_processor(min_pixels, max_pixels, **settings):
     """transformers' slow/PIL Qwen2-VL image processor with explicit pixel bounds (its class defaults are not the
     official checkpoint's preprocessor_config.json values; docs/qwen25vl.md Appendix B.5)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **settings)
 
 
 # The official Qwen2-VL / Qwen2.5-VL chat template (the checkpoints' chat_template.json), verbatim.

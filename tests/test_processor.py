@@ -95,13 +95,27 @@ def test_image_processor_matches_transformers(bounds):
         ref_pv, ref_grid = _hf_images(hf, [img])
         assert pv.dtype == torch.float32 and grid.dtype == torch.long, name
         assert torch.equal(grid, ref_grid), (name, grid, ref_grid)
-        torch.testing.assert_close(pv, ref_pv, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(pv, ref_pv), name  # bit for bit: the level table holds transformers' float32 values
         assert pv.shape[0] == grid.prod().item()
         assert num_image_tokens(grid[0]) * 4 == pv.shape[0]
     # B.5's documented example: 1200x1000 -> [1, 72, 86] (official), [1, 64, 78] (lychee / v5 default).
     expected = {OFFICIAL: [1, 72, 86], LYCHEE: [1, 64, 78]}
     if bounds in expected:
         assert ours([dict(IMAGES)["large_1200x1000"]])[1].tolist() == [expected[bounds]]
+
+
+def test_every_level_of_every_channel_matches_transformers():
+    # a 56x56 image whose three channels run through all 256 levels in different orders: the lookup table must
+    # give exactly the float32 values transformers computes (rescale in float64, then normalize in float32)
+    levels = np.arange(56 * 56) % 256
+    rgb = np.stack([levels, levels[::-1], (levels * 7) % 256], -1).astype(np.uint8).reshape(56, 56, 3)
+    img = Image.fromarray(rgb)
+    custom = dict(image_mean=(0.5, 0.25, 0.125), image_std=(0.3, 0.7, 1.9))
+    for ours, hf in [(ImageProcessor(*OFFICIAL), make_hf_image_processor(*OFFICIAL)),
+                     (ImageProcessor(*OFFICIAL, **custom), make_hf_image_processor(*OFFICIAL, **custom))]:
+        pv, _ = ours([img])
+        assert torch.equal(pv, _hf_images(hf, [img])[0])
+        assert sorted(set(pv[:, :392].flatten().tolist())) == sorted(set(ours.level_values[0].tolist()))
 
 
 def test_transparency_is_composited_onto_white():
