@@ -176,7 +176,8 @@ class ImageProcessor:
         if len(images) == 0:
             raise ValueError("ImageProcessor got no images")
         patches, grids = zip(*(self.preprocess(im) for im in images))
-        return torch.from_numpy(np.concatenate(patches, axis=0)), torch.tensor(grids, dtype=torch.long)
+        pixel_values = patches[0] if len(patches) == 1 else np.concatenate(patches, axis=0)  # one image: no copy
+        return torch.from_numpy(pixel_values), torch.tensor(grids, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------------
