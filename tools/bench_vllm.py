@@ -6,9 +6,9 @@ Optional and never in CI: it needs `vllm` (setup in docs/experiments.md, *vLLM o
 when it cannot import it. The checkpoint and the workloads are bench.py's (same seed, same data). vLLM scores a
 yes/no reranker as a 2-way classifier over the "no" and "yes" rows of the head (`runner="pooling"`,
 `convert="classify"`, `classifier_from_token`, `from_2_way_softmax`), which is p(yes), minigmr's SFT score.
-Reported per workload: pairs/s (median of alternating repetitions), CPU-seconds per pair (vLLM's engine runs in a
-child process: the whole process tree is counted), and the score agreement of vLLM's native Qwen2.5-VL and of its
-transformers backend with minigmr.
+Reported per workload: pairs/s (median of alternating repetitions, each after `--settle` idle seconds),
+CPU-seconds per pair (vLLM's engine runs in a child process: the whole process tree is counted), and the score
+agreement of vLLM's native Qwen2.5-VL and of its transformers backend with minigmr.
 """
 import argparse
 import json
@@ -70,6 +70,9 @@ def measure(name: str, sides: dict, args, tokenizer) -> dict:
     times, cpu = {impl: [] for impl in sides}, {impl: [] for impl in sides}
     for rep, w in enumerate(work[1:]):
         for impl in list(sides)[::1 if rep % 2 == 0 else -1]:
+            # the side before keeps its idle OpenMP threads spinning for a while (Intel's KMP_BLOCKTIME, 200 ms by
+            # default, in vLLM's worker): let them stop, so that no call is timed against another side's tail
+            time.sleep(args.settle)
             c0, t0 = tree_cpu_seconds(), time.perf_counter()
             sides[impl](w["query"], w["docs"])
             times[impl].append(time.perf_counter() - t0)
@@ -92,12 +95,16 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=["vllm", "transformers"], choices=["vllm", "transformers"],
                    help="vLLM model implementations to compare (its native Qwen2.5-VL and/or its transformers backend)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, after a warm-up")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="seconds of idle before each timed call (the previous side's spinning threads stop)")
     p.add_argument("--quick", action="store_true", help="a quarter of the candidates (as bench.py --quick)")
     p.add_argument("--batch-size", type=int, default=16, help="minigmr's candidates per forward")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (as bench.py)")
     p.add_argument("--workdir", required=True, help="checkpoint folder, written by this script if missing")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1 or args.batch_size < 1 or args.settle < 0:
+        p.error("--repeats, --threads and --batch-size must be >= 1, --settle >= 0")
     try:
         import vllm
     except ImportError as e:
