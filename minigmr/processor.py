@@ -158,7 +158,7 @@ class ImageProcessor:
         # transformers image_transforms.resize: PIL bicubic, reducing_gap=None (no two-step downscale)
         img = img.resize((width, height), resample=Image.BICUBIC, reducing_gap=None)
         x = np.asarray(img)  # (H, W, 3) uint8
-        # rescale + normalize as a table lookup: the same float32 values as computing them (a fifth of the time)
+        # rescale + normalize as a table lookup: the same float32 values as computing them, without the arithmetic
         x = np.stack([self.level_values[c].take(x[..., c]) for c in range(3)])  # (C, H, W) float32
         C, gh, gw = x.shape[0], height // p, width // p
         # A still image is one frame repeated to fill the Conv3d's temporal kernel, so grid_t = 1.
